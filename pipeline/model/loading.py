@@ -1,0 +1,403 @@
+"""Load a MobileNetV2 from its source into one callable giving both outputs.
+
+Sources, chosen explicitly by the user:
+  tfhub        the catalog's TF-Hub handle (or a handle URL the user gives),
+               resolved and cached by tensorflow_hub (TFHUB_CACHE_DIR honoured)
+  saved_model  a SavedModel directory, local or gs://, in either TF-Hub layout
+  random       the architecture built in-process with seeded random weights
+
+Layouts understood (whatever the source):
+  /3   one module with signatures `image_classification` and
+       `image_feature_vector` (outputs under `default`). A TF1 Hub module is
+       pruned to fetch both tensors from one graph call; a TF2 export of the
+       same signatures is fused by `fusion.fuse_heads`.
+  /4-/5  one callable SavedModel per head (classification/, feature_vector/);
+       the two are fused into one graph by `fusion.fuse_heads`.
+
+Every path ends in `LoadedModel`: uint8 pixels [N, H, W, 3] in, float32
+(logits [N, 1001], features [N, d]) out, plus what to record about it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from typing import Callable, Optional
+
+import numpy as np
+
+from pipeline.model import catalog
+
+LOG = logging.getLogger(__name__)
+SOURCES = ("tfhub", "saved_model", "random")
+_CLS_SIG, _FV_SIG = "image_classification", "image_feature_vector"
+
+
+class ModelUnavailableError(RuntimeError):
+    """The model cannot be had; the message says what was tried and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What to load: small and picklable, so workers can load it themselves."""
+    variant: str = catalog.DEFAULT_MODEL
+    source: str = "tfhub"
+    handle: Optional[str] = None  # tfhub: a handle URL; saved_model: path/URI
+    feature_handle: Optional[str] = None  # /4-/5: the feature-vector model
+    hub_version: int = catalog.DEFAULT_HUB_VERSION
+    seed: int = 0  # random source only
+
+    def __post_init__(self):
+        catalog.get_variant(self.variant)  # clear error for unknown names
+        if self.source not in SOURCES:
+            raise ValueError(f"unknown model source {self.source!r}; use one "
+                             f"of {', '.join(SOURCES)}")
+        if self.source == "saved_model" and not self.handle:
+            raise ValueError("the saved_model source needs --model_handle")
+        if self.hub_version not in catalog.HUB_VERSIONS:
+            raise ValueError(f"TF-Hub version must be one of "
+                             f"{catalog.HUB_VERSIONS}, not {self.hub_version}")
+
+    def hub_handles(self) -> list[str]:
+        """The TF-Hub handles to fetch, classification first."""
+        if self.handle:
+            return [self.handle] + ([self.feature_handle]
+                                    if self.feature_handle else [])
+        variant = catalog.get_variant(self.variant)
+        if self.hub_version == 3:
+            # The /3 classification module carries both signatures.
+            return [variant.hub_handle("classification", 3)]
+        return [variant.hub_handle("classification", self.hub_version),
+                variant.hub_handle("feature_vector", self.hub_version)]
+
+    def describe(self) -> str:
+        if self.source == "random":
+            return f"random(seed={self.seed})"
+        if self.source == "tfhub":
+            return " + ".join(self.hub_handles())
+        return " + ".join(h for h in (self.handle, self.feature_handle) if h)
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    spec: ModelSpec
+    input_size: int
+    feature_dim: int
+    weights_sha256: str
+    heads: str  # how logits and features are computed, for the record
+    predict_fn: Callable  # tf.function: uint8 [N, H, W, 3] -> (logits, features)
+
+    def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 [N, H, W, 3] -> (logits [N, 1001], features [N, d]), float32."""
+        logits, features = self.predict_fn(pixels)
+        return logits.numpy(), features.numpy()
+
+    def metadata(self) -> dict:
+        return {
+            "model": self.spec.variant,
+            "model_source": self.spec.source,
+            "model_handle": self.spec.describe(),
+            "weights_sha256": self.weights_sha256,
+            "heads": self.heads,
+            "feature_dim": self.feature_dim,
+        }
+
+
+_CACHE: dict[ModelSpec, LoadedModel] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load once per process: later calls with the same spec share the model."""
+    with _CACHE_LOCK:
+        if spec not in _CACHE:
+            _CACHE[spec] = _load_uncached(spec)
+        return _CACHE[spec]
+
+
+def _load_uncached(spec: ModelSpec) -> LoadedModel:
+    variant = catalog.get_variant(spec.variant)
+    if spec.source == "random":
+        return _load_random(spec, variant)
+    if spec.source == "tfhub":
+        paths = [_resolve_hub(h, spec) for h in spec.hub_handles()]
+    else:
+        paths = _resolve_saved_model(spec)
+    try:
+        return _load_directories(spec, variant, paths)
+    except ModelUnavailableError:
+        raise
+    except Exception as e:  # a damaged or foreign SavedModel
+        raise ModelUnavailableError(
+            f"could not load {spec.describe()} (from {', '.join(paths)}): "
+            f"{type(e).__name__}: {_first_line(e)}") from e
+
+
+# --- sources -----------------------------------------------------------------
+
+def _offline_help(spec: ModelSpec) -> str:
+    variant = catalog.get_variant(spec.variant)
+    return (
+        "To run without access to TF-Hub, download the module where you have "
+        f"internet ({variant.hub_handle('classification', 3)}"
+        "?tf-hub-format=compressed is a .tar.gz), unpack it and pass "
+        "--model_handle /path/to/dir (or gs://bucket/dir); or point "
+        "TFHUB_CACHE_DIR at a cache that already holds it; or pass "
+        "--model_source random for a smoke run with random weights.")
+
+
+def _resolve_hub(handle: str, spec: ModelSpec) -> str:
+    import tensorflow_hub as hub
+    try:
+        return hub.resolve(handle)
+    except Exception as e:
+        cache = os.environ.get("TFHUB_CACHE_DIR") or "(default temp cache)"
+        raise ModelUnavailableError(
+            f"could not fetch {handle} from TF-Hub "
+            f"({type(e).__name__}: {_first_line(e)}); TFHUB_CACHE_DIR="
+            f"{cache}. {_offline_help(spec)}") from e
+
+
+def _resolve_saved_model(spec: ModelSpec) -> list[str]:
+    if spec.handle.startswith(("http://", "https://")):
+        # A handle URL: let tensorflow_hub fetch and cache it.
+        return [_resolve_hub(h, spec) for h in spec.hub_handles()]
+    paths = [_local_copy(spec.handle, spec)]
+    if spec.feature_handle:
+        paths.append(_local_copy(spec.feature_handle, spec))
+        return paths
+    root = paths[0]
+    if os.path.exists(os.path.join(root, "saved_model.pb")):
+        return paths
+    heads = [os.path.join(root, h) for h in ("classification", "feature_vector")]
+    if all(os.path.exists(os.path.join(h, "saved_model.pb")) for h in heads):
+        return heads
+    raise ModelUnavailableError(
+        f"{spec.handle} is not a SavedModel directory: it has no "
+        "saved_model.pb, nor classification/ and feature_vector/ SavedModels "
+        f"(it holds: {', '.join(sorted(os.listdir(root))[:10]) or 'nothing'}).")
+
+
+def _cache_root() -> str:
+    root = os.environ.get("MOBILENET_EMBED_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), "mobilenet_embed_models")
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _local_copy(uri: str, spec: ModelSpec) -> str:
+    """A local directory holding the SavedModel at `uri` (copied once if remote)."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in uri:
+        if not os.path.isdir(uri):
+            raise ModelUnavailableError(
+                f"no SavedModel directory at {uri!r} (it does not exist or is "
+                "not a directory).")
+        return os.path.abspath(uri)
+    base = uri.rstrip("/")
+    try:
+        matches = FileSystems.match([base + "/**"])[0].metadata_list
+    except Exception as e:
+        raise ModelUnavailableError(
+            f"could not list the SavedModel at {uri} ({type(e).__name__}: "
+            f"{_first_line(e)}). Check the URI and the credentials of this "
+            f"machine. {_offline_help(spec)}") from e
+    if not matches:
+        raise ModelUnavailableError(f"no files under {uri}: nothing to load.")
+    # The cache key includes sizes and times, so a replaced model is re-fetched.
+    fingerprint = hashlib.sha256(base.encode())
+    for m in sorted(matches, key=lambda m: m.path):
+        fingerprint.update(f"{m.path}|{m.size_in_bytes}|{m.last_updated_in_seconds}".encode())
+    target = os.path.join(_cache_root(), fingerprint.hexdigest()[:32])
+    if os.path.isdir(target):
+        return target
+    staging = f"{target}.{uuid.uuid4().hex}.tmp"
+    try:
+        for m in matches:
+            relative = m.path[len(base) + 1:]
+            local = os.path.join(staging, *relative.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            with FileSystems.open(m.path) as src, open(local, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished the same copy first
+            shutil.rmtree(staging, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ModelUnavailableError(
+            f"could not copy the SavedModel at {uri} ({type(e).__name__}: "
+            f"{_first_line(e)}).") from e
+    LOG.info("copied %s to %s", uri, target)
+    return target
+
+
+# --- layouts ------------------------------------------------------------------
+
+def _load_random(spec: ModelSpec, variant) -> LoadedModel:
+    import tensorflow as tf
+
+    from pipeline.model import architecture
+
+    model = architecture.build_random_model(variant, spec.seed)
+
+    @tf.function(input_signature=[tf.TensorSpec(
+        [None, variant.input_size, variant.input_size, 3], tf.float32)])
+    def both(images):
+        logits, features = model(images, training=False)
+        return logits, features
+
+    return _finish(spec, variant, both, architecture.weights_digest(model),
+                   "one pass: native two-output model")
+
+
+def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
+    import tensorflow_hub as hub
+
+    from pipeline.model import fusion
+
+    digest = _weights_digest(paths)
+    objs = [hub.load(p) for p in paths]
+    size = variant.input_size
+    if len(objs) == 1:
+        obj, path = objs[0], paths[0]
+        signatures = set(obj.signatures.keys())
+        if {_CLS_SIG, _FV_SIG} <= signatures:
+            if hasattr(obj, "prune") and hasattr(obj, "graph"):
+                both = _prune_tf1(obj, path)
+                heads = "one pass: TF1 Hub module, both signatures pruned together"
+            else:
+                fused = fusion.fuse_heads([
+                    _single_output(obj.signatures[_CLS_SIG]),
+                    _single_output(obj.signatures[_FV_SIG])])
+                both, heads = fused.function, _fusion_note(fused)
+        elif _FV_SIG in signatures:
+            raise ModelUnavailableError(
+                f"{spec.describe()} holds only the feature-vector head. Pass "
+                "the classification module of the same variant instead: in "
+                "the /3 layout it carries both heads.")
+        else:
+            raise ModelUnavailableError(
+                f"{spec.describe()} holds one head only (a /4-/5 style "
+                "SavedModel). Pass a directory holding classification/ and "
+                "feature_vector/, or both with --model_handle and "
+                "--feature_vector_handle.")
+    else:
+        fused = fusion.fuse_heads([_callable_head(o, size) for o in objs])
+        both, heads = fused.function, _fusion_note(fused)
+    return _finish(spec, variant, both, digest, heads)
+
+
+def _fusion_note(fused) -> str:
+    if fused.one_pass:
+        return (f"one pass: heads fused into one graph ({fused.convolutions_after}"
+                f" of {fused.convolutions_before} convolutions kept)")
+    return "two passes: the heads share no computation"
+
+
+def _single_output(fn):
+    """Wrap a signature (kwargs in, dict out) as images -> one tensor."""
+    import tensorflow as tf
+
+    spec = fn.structured_input_signature[1]["images"]
+
+    @tf.function(input_signature=[tf.TensorSpec(spec.shape, tf.float32)])
+    def call(images):
+        return fn(images=images)["default"]
+    return call.get_concrete_function()
+
+
+def _callable_head(obj, size: int):
+    """The single head of a /4-/5 SavedModel as images -> one tensor."""
+    import tensorflow as tf
+
+    image_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
+    if callable(obj):
+        @tf.function(input_signature=[image_spec])
+        def call(images):
+            out = obj(images)
+            return out["default"] if isinstance(out, dict) else out
+        return call.get_concrete_function()
+    if "serving_default" in obj.signatures:
+        sig = obj.signatures["serving_default"]
+        (name,) = sig.structured_input_signature[1].keys()
+
+        @tf.function(input_signature=[image_spec])
+        def call_signature(images):
+            (out,) = sig(**{name: images}).values()
+            return out
+        return call_signature.get_concrete_function()
+    raise ModelUnavailableError("the SavedModel is neither callable nor has a "
+                                "serving_default signature")
+
+
+def _prune_tf1(obj, path: str):
+    """Both heads of a TF1 Hub module from one graph call."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+        proto.ParseFromString(f.read())
+    # hub.load picks the meta graph with no tags for TF1 modules.
+    (meta,) = [m for m in proto.meta_graphs if not m.meta_info_def.tags]
+    cls, fv = meta.signature_def[_CLS_SIG], meta.signature_def[_FV_SIG]
+    return obj.prune(feeds=[cls.inputs["images"].name],
+                     fetches=[cls.outputs["default"].name,
+                              fv.outputs["default"].name])
+
+
+def _weights_digest(paths: list[str]) -> str:
+    """sha256 over the variables files (or the graph, where weights are inline)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        var_dir = os.path.join(path, "variables")
+        files = ([os.path.join(var_dir, f) for f in sorted(os.listdir(var_dir))]
+                 if os.path.isdir(var_dir) and os.listdir(var_dir)
+                 else [os.path.join(path, "saved_model.pb")])
+        for name in files:
+            digest.update(os.path.basename(name).encode())
+            with open(name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _finish(spec, variant, both, digest, heads) -> LoadedModel:
+    """Wrap `both` (float images -> logits, features) for uint8 input; check dims."""
+    import tensorflow as tf
+
+    size = variant.input_size
+
+    @tf.function(input_signature=[tf.TensorSpec([None, size, size, 3], tf.uint8)])
+    def predict(pixels):
+        images = tf.cast(pixels, tf.float32) / 255.0
+        logits, features = both(images)
+        return logits, features
+
+    probe = np.zeros((2, size, size, 3), np.uint8)
+    try:
+        logits, features = (t.numpy() for t in predict(probe))
+    except Exception as e:
+        raise ModelUnavailableError(
+            f"{spec.describe()} does not accept {size}x{size} RGB images, as "
+            f"{variant.name} should ({type(e).__name__}: {_first_line(e)}). "
+            "Is it the right variant?") from e
+    if logits.shape != (2, variant.num_classes) or features.shape != (
+            2, variant.feature_dim):
+        raise ModelUnavailableError(
+            f"{spec.describe()} gives logits {list(logits.shape[1:])} and "
+            f"features {list(features.shape[1:])}, but {variant.name} has "
+            f"[{variant.num_classes}] and [{variant.feature_dim}]. Is it the "
+            "right variant?")
+    return LoadedModel(spec, size, variant.feature_dim, digest, heads, predict)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:300] if text else ""
