@@ -1,0 +1,123 @@
+"""Command line: `mobilenet-embed` / `python -m pipeline`.
+
+  mobilenet-embed [run] --input ... --output ... [beam options]
+  mobilenet-embed models              the catalog, to choose speed vs accuracy
+  mobilenet-embed schema [--model M]  the Arrow schemas of the output
+  mobilenet-embed fetch-model [--model M] [--to gs://bucket/dir]
+                                      download a TF-Hub module (and stage it)
+  mobilenet-embed show OUTPUT [--limit N]
+                                      a look at an output: summary and rows
+
+Exit codes: 0 done; 1 more failures than --max_failure_rate (outputs are
+written); 2 a problem with the command (bad option, unknown model, model not
+available, no inputs, output made differently); 3 the job itself failed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def _setup_logging() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("apache_beam", "tensorflow", "absl", "urllib3", "google",
+                  "h5py", "keras"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_drop_beam_resource_warning)
+
+
+def _drop_beam_resource_warning(record: logging.LogRecord) -> bool:
+    # Beam 2.77's RunInference imports its ModelManager (which needs torch)
+    # in the same try as `resource`; without torch it warns at every model
+    # load that memory cannot be measured. Harmless here: drop that line.
+    return "Resource module is not available" not in record.getMessage()
+
+
+def _models(argv: list[str]) -> int:
+    from pipeline.model import catalog
+    argparse.ArgumentParser(prog="mobilenet-embed models").parse_args(argv)
+    print(catalog.format_table())
+    return 0
+
+
+def _schema(argv: list[str]) -> int:
+    from pipeline.model import catalog
+    from schemas import ERRORS_SCHEMA, embeddings_schema
+    parser = argparse.ArgumentParser(prog="mobilenet-embed schema")
+    parser.add_argument("--model", default=catalog.DEFAULT_MODEL)
+    args = parser.parse_args(argv)
+    variant = catalog.get_variant(args.model)
+    print(f"embeddings/ ({variant.name}):\n{embeddings_schema(variant.feature_dim)}")
+    print(f"\nerrors/:\n{ERRORS_SCHEMA}")
+    return 0
+
+
+def _fetch_model(argv: list[str]) -> int:
+    from pipeline import staging
+    return staging.main(argv)
+
+
+def _show(argv: list[str]) -> int:
+    from pipeline import show
+    return show.main(argv)
+
+
+def _run(argv: list[str]) -> int:
+    from pipeline import job
+    return job.run(argv)
+
+
+COMMANDS = {"run": _run, "models": _models, "schema": _schema,
+            "fetch-model": _fetch_model, "show": _show}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        if len(argv) < 2:
+            print(__doc__.strip())
+            if argv:
+                return 0
+            return 2
+    command = "run"
+    if argv and not argv[0].startswith("-"):
+        command = argv.pop(0)
+        if command not in COMMANDS:
+            print(f"error: unknown command {command!r}; use one of "
+                  f"{', '.join(COMMANDS)}", file=sys.stderr)
+            return 2
+    if command == "run" and any(a in ("-h", "--help") for a in argv):
+        from pipeline.options import EmbedOptions
+        parser = argparse.ArgumentParser(prog="mobilenet-embed run",
+                                         description=USAGE)
+        EmbedOptions._add_argparse_args(parser)
+        parser.epilog = ("Beam options (--runner, --project, --region, "
+                         "--temp_location, --setup_file, --direct_num_workers, "
+                         "--direct_running_mode, ...) pass through to Beam.")
+        parser.print_help()
+        return 0
+    _setup_logging()
+    from pipeline.job import JobError
+    from pipeline.model.catalog import UnknownModelError
+    from pipeline.model.loading import ModelUnavailableError
+    try:
+        return COMMANDS[command](argv)
+    except (JobError, ModelUnavailableError, UnknownModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; whole files already written are kept and a "
+              "re-run resumes from them", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

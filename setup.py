@@ -1,0 +1,61 @@
+"""Packaging for the MobileNetV2 embedding pipeline.
+
+The same file serves three uses: `pip install -e .` for local runs and tests,
+the console script `mobilenet-embed`, and `--setup_file ./setup.py` on
+Dataflow, where each worker installs the sdist built from it (so every data
+file the workers need must be listed in package_data).
+"""
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    (HERE / "pipeline" / "__init__.py").read_text()).group(1)
+
+# Ranges that resolve together (checked with constraints.txt, which pins the
+# exact set CI and run_local.sh use). Beam 2.77 needs pyarrow < 26 and
+# numpy < 2.5; tf-keras must match the TensorFlow minor version because
+# tensorflow_hub imports it at import time.
+INSTALL_REQUIRES = [
+    "apache-beam[gcp]>=2.77.0,<2.78",
+    "tensorflow>=2.21,<2.22",
+    "tf-keras>=2.21,<2.22",
+    "tensorflow-hub>=0.16.1,<0.17",
+    "numpy>=1.26,<2.5",
+    "pyarrow>=16,<26",
+    "pillow>=11.0",
+    "google-cloud-storage>=2.14",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "duckdb>=1.1",
+        "gcp-storage-emulator>=2024.8.3",
+        "psutil>=5.9",
+    ],
+    "samples": ["scikit-image>=0.24"],
+}
+
+setup(
+    name="mobilenet-embed",
+    version=VERSION,
+    description=("Embed large image collections with TF-Hub MobileNetV2 on "
+                 "Apache Beam (local or Dataflow) into Parquet."),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8")
+    if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pipeline", "pipeline.*", "transforms",
+                                    "transforms.*", "schemas", "schemas.*"]),
+    package_data={"pipeline": ["data/*.txt", "data/*.csv"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={
+        "console_scripts": ["mobilenet-embed=pipeline.cli:main"],
+    },
+)

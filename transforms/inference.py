@@ -1,0 +1,165 @@
+"""Inference stage: Beam's RunInference with the project's own ModelHandler.
+
+Beam's TFModelHandlerTensor loads with tf.keras.models.load_model, which reads
+neither TF-Hub modules nor legacy SavedModels under Keras 3, so this handler
+loads through `pipeline.model.loading` instead. RunInference gives the rest:
+one model per worker process shared by its threads (or one per machine with
+`large_model`), bounded batches, and its own metrics.
+
+A failing batch never fails its bundle: its images are retried one by one so
+that only the guilty image becomes a `FailedImage`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from pipeline.model.loading import LoadedModel, ModelSpec, load_model
+from schemas import TOP_K, DecodedImage, Embedding, FailedImage
+
+LOG = logging.getLogger(__name__)
+NAMESPACE = "mobilenet_embed"
+
+Result = Union[Embedding, FailedImage]
+
+
+class WeightsMismatchError(RuntimeError):
+    pass
+
+
+def configure_tensorflow(intra_op_threads: int = 0,
+                         inter_op_threads: int = 0) -> None:
+    """Set TensorFlow's thread pools (0 keeps TF's default: all cores).
+
+    Must run before TensorFlow executes its first op in this process; later
+    calls are ignored with a note, since TF cannot change them once started.
+    """
+    import tensorflow as tf
+    try:
+        if intra_op_threads:
+            tf.config.threading.set_intra_op_parallelism_threads(
+                intra_op_threads)
+        if inter_op_threads:
+            tf.config.threading.set_inter_op_parallelism_threads(
+                inter_op_threads)
+    except RuntimeError:
+        current = (tf.config.threading.get_intra_op_parallelism_threads(),
+                   tf.config.threading.get_inter_op_parallelism_threads())
+        if current != (intra_op_threads or current[0],
+                       inter_op_threads or current[1]):
+            LOG.warning("TensorFlow already started with intra/inter-op "
+                        "threads %s; cannot change them now", current)
+
+
+class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
+    """DecodedImage in; Embedding (pixels dropped) or FailedImage out."""
+
+    def __init__(self, spec: ModelSpec, *, min_batch_size: int = 1,
+                 max_batch_size: int = 64, large_model: bool = False,
+                 model_copies: Optional[int] = None,
+                 expected_weights_sha256: Optional[str] = None,
+                 intra_op_threads: int = 0, inter_op_threads: int = 0):
+        super().__init__(min_batch_size=min_batch_size,
+                         max_batch_size=max_batch_size,
+                         large_model=large_model, model_copies=model_copies)
+        self._spec = spec
+        self._expected_digest = expected_weights_sha256
+        self._threads = (intra_op_threads, inter_op_threads)
+
+    def load_model(self) -> LoadedModel:
+        configure_tensorflow(*self._threads)
+        model = load_model(self._spec)
+        if (self._expected_digest
+                and model.weights_sha256 != self._expected_digest):
+            # e.g. TF-Hub served other bytes to this worker than to the
+            # launcher: mixing them would silently corrupt the dataset.
+            raise WeightsMismatchError(
+                f"worker loaded weights {model.weights_sha256[:16]}... for "
+                f"{self._spec.describe()}, but the job was planned with "
+                f"{self._expected_digest[:16]}...; refusing to mix them")
+        return model
+
+    def run_inference(self, batch: Sequence[DecodedImage], model: LoadedModel,
+                      inference_args: Optional[dict[str, Any]] = None
+                      ) -> Iterable[Result]:
+        try:
+            logits, features = model.predict(
+                np.stack([image.pixels for image in batch]))
+        except Exception as e:  # pylint: disable=broad-except
+            if len(batch) == 1:
+                return [_failure(batch[0], e)]
+            LOG.warning("a batch of %d failed in inference (%s: %s); "
+                        "retrying its images one by one", len(batch),
+                        type(e).__name__, e)
+            Metrics.counter(NAMESPACE, "inference_batch_retries").inc()
+            return [result for image in batch
+                    for result in self.run_inference([image], model)]
+        top_ids, top_probs = top_k(logits, TOP_K)
+        return [_result(image, logits[i], features[i], top_ids[i], top_probs[i])
+                for i, image in enumerate(batch)]
+
+    def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
+        return sum(image.pixels.nbytes for image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return NAMESPACE
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids and softmax probabilities of the k largest logits, per row."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(shifted)
+    probs /= probs.sum(axis=1, keepdims=True)
+    ids = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    return (ids.astype(np.int32),
+            np.take_along_axis(probs, ids, axis=1).astype(np.float32))
+
+
+def _result(image: DecodedImage, logits: np.ndarray, features: np.ndarray,
+            top_ids: np.ndarray, top_probs: np.ndarray) -> Result:
+    if not (np.isfinite(logits).all() and np.isfinite(features).all()):
+        return FailedImage(image.image_id, image.uri, "inference",
+                           "NonFiniteOutput",
+                           "the model returned NaN or infinite values",
+                           image.content_sha256)
+    return Embedding(image.image_id, image.uri, logits, features, top_ids,
+                     top_probs, image.original_width, image.original_height,
+                     image.content_sha256, image.content_bytes)
+
+
+def _failure(image: DecodedImage, error: Exception) -> FailedImage:
+    message = str(error).strip().splitlines()
+    return FailedImage(image.image_id, image.uri, "inference",
+                       type(error).__name__,
+                       (message[0] if message else "")[:500],
+                       image.content_sha256)
+
+
+class _SplitFailures(beam.DoFn):
+    def process(self, result: Result):
+        if isinstance(result, FailedImage):
+            Metrics.counter(NAMESPACE, "failed_inference").inc()
+            yield beam.pvalue.TaggedOutput(Embed.FAILED, result)
+        else:
+            Metrics.counter(NAMESPACE, "images_embedded").inc()
+            yield result
+
+
+class Embed(beam.PTransform):
+    """DecodedImage -> Embedding (main output) and FailedImage ("failed")."""
+    FAILED = "failed"
+
+    def __init__(self, handler: MobileNetV2Handler):
+        super().__init__()
+        self._handler = handler
+
+    def expand(self, images):
+        return (images
+                | "RunInference" >> RunInference(self._handler)
+                | "SplitFailures" >> beam.ParDo(_SplitFailures())
+                .with_outputs(self.FAILED, main="embedded"))

@@ -1,0 +1,275 @@
+"""Listing stage: globs and manifests -> one ImageRef per image to embed.
+
+Inputs are listed on the workers (Beam's MatchAll, a manifest read in a
+DoFn), then joined by image_id with the ids already in the output dataset.
+That one shuffle does three jobs: it drops duplicate entries (embedded once,
+counted), skips images a previous run already embedded (resume), and
+redistributes the work so a million files spread over every worker.
+
+Counts leave on the "stats" output as (name, n) pairs for the run summary.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import posixpath
+from typing import Iterable, Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics import Metrics
+
+from schemas import FailedImage, ImageRef
+
+NAMESPACE = "mobilenet_embed"
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "png", "gif", "bmp", "webp",
+                      "tif", "tiff", "ppm", "pgm", "pbm")
+MANIFEST_FORMATS = ("txt", "csv", "parquet")
+_URI_COLUMNS = ("uri", "path", "url", "file")
+_ID_COLUMNS = ("image_id", "id", "key")
+
+# Names of the counts on the "stats" output.
+ENTRIES = "entries_listed"  # glob matches and manifest rows, before dedupe
+DUPLICATES = "duplicates_dropped"  # extra entries with an id seen already
+SKIPPED_EXISTING = "skipped_already_embedded"  # resume
+NOT_IMAGES = "skipped_not_image_extension"  # glob matches filtered out
+TO_EMBED = "images_to_embed"
+
+
+class ListingError(ValueError):
+    """The inputs cannot be listed at all (reported before the job starts)."""
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def normalize_pattern(pattern: str) -> str:
+    """A directory means every file under it; local paths become absolute."""
+    if is_local(pattern):
+        pattern = os.path.abspath(os.path.expanduser(pattern)) + (
+            "/" if pattern.endswith("/") else "")
+        if os.path.isdir(pattern):
+            return pattern.rstrip("/") + "/**"
+        return pattern
+    if pattern.endswith("/"):
+        return pattern + "**"
+    return pattern
+
+
+def manifest_format(path: str) -> str:
+    ext = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if ext in ("txt", "lst", "list", ""):
+        return "txt"
+    if ext in ("csv", "parquet"):
+        return ext
+    raise ListingError(
+        f"manifest {path!r}: unknown format .{ext}; use a text file (one URI "
+        "a line), a CSV or a Parquet file with a 'uri' column and an optional "
+        "'id' column")
+
+
+def check_inputs(patterns: list[str], manifest: Optional[str]) -> None:
+    """Fail fast, before any worker starts, where nothing could be listed."""
+    if not patterns and not manifest:
+        raise ListingError("nothing to embed: pass --input and/or --manifest")
+    for pattern in patterns:
+        try:
+            found = FileSystems.match([pattern], limits=[1])[0].metadata_list
+        except Exception as e:
+            raise ListingError(f"cannot list --input {pattern}: "
+                               f"{type(e).__name__}: {e}") from e
+        if not found:
+            raise ListingError(f"--input {pattern} matched no files")
+    if manifest:
+        manifest_format(manifest)
+        if not FileSystems.exists(manifest):
+            raise ListingError(f"--manifest {manifest} does not exist")
+        with FileSystems.open(manifest) as f:
+            for _ in _read_manifest(f, manifest):
+                return
+        raise ListingError(f"--manifest {manifest} lists no images")
+
+
+def _resolve(entry: str, manifest: str) -> str:
+    """Relative manifest entries are relative to the manifest's folder."""
+    if "://" in entry or os.path.isabs(entry):
+        return entry
+    if is_local(manifest):
+        return os.path.normpath(os.path.join(
+            os.path.dirname(os.path.abspath(manifest)), entry))
+    return posixpath.join(manifest.rsplit("/", 1)[0], entry)
+
+
+def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:
+    """(id or None, uri) per entry; blank lines and '#' comments skipped."""
+    fmt = manifest_format(path)
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+        table = pq.ParquetFile(f)
+        names = table.schema_arrow.names
+        uri_col = _pick(names, _URI_COLUMNS, path)
+        id_col = next((c for c in _ID_COLUMNS if c in names), None)
+        columns = [uri_col] + ([id_col] if id_col else [])
+        for batch in table.iter_batches(columns=columns, batch_size=65536):
+            uris = batch.column(0).to_pylist()
+            ids = batch.column(1).to_pylist() if id_col else [None] * len(uris)
+            for image_id, uri in zip(ids, uris):
+                yield (None if image_id is None else str(image_id)), uri or ""
+        return
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    if fmt == "txt":
+        for line in text:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                yield None, line
+        return
+    reader = csv.DictReader(text)
+    uri_col = _pick(reader.fieldnames or [], _URI_COLUMNS, path)
+    id_col = next((c for c in _ID_COLUMNS if c in (reader.fieldnames or [])),
+                  None)
+    for row in reader:
+        image_id = (row.get(id_col) or "").strip() if id_col else ""
+        yield image_id or None, (row.get(uri_col) or "").strip()
+
+
+def _pick(names, wanted, path) -> str:
+    for name in wanted:
+        if name in names:
+            return name
+    raise ListingError(f"manifest {path}: no URI column; expected one of "
+                       f"{', '.join(wanted)}, found {', '.join(names) or 'none'}")
+
+
+class _ReadManifest(beam.DoFn):
+    def process(self, path: str):
+        with FileSystems.open(path) as f:
+            for number, (image_id, entry) in enumerate(
+                    _read_manifest(f, path), start=1):
+                if not entry:
+                    yield beam.pvalue.TaggedOutput(ListImages.STATS,
+                                                   (ENTRIES, 1))
+                    yield beam.pvalue.TaggedOutput(ListImages.FAILED, FailedImage(
+                        image_id or f"{path}#entry{number}", "", "list",
+                        "EmptyUri", f"manifest entry {number} has no URI"))
+                    continue
+                uri = _resolve(entry, path)
+                yield ImageRef(image_id or uri, uri)
+
+
+class _GlobToRefs(beam.DoFn):
+    def __init__(self, extensions: Optional[tuple[str, ...]]):
+        self._extensions = extensions
+
+    def process(self, metadata):
+        path = metadata.path
+        ext = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
+        if self._extensions is not None and ext not in self._extensions:
+            yield beam.pvalue.TaggedOutput(ListImages.STATS, (NOT_IMAGES, 1))
+            return
+        yield ImageRef(path, path)
+
+
+class _ReadExistingIds(beam.DoFn):
+    """(image_id, file) for every row of an existing embeddings file."""
+    def process(self, path: str):
+        import pyarrow.parquet as pq
+        with FileSystems.open(path) as f:
+            column = pq.read_table(f, columns=["image_id"]).column(0)
+        for image_id in column.to_pylist():
+            yield image_id, path
+
+
+class _Resolve(beam.DoFn):
+    """One image_id's listed entries and existing rows -> what to do."""
+    def __init__(self):
+        self._listed = Metrics.counter(NAMESPACE, "images_listed")
+
+    def process(self, element):
+        image_id, grouped = element
+        entries = list(grouped["listed"])
+        uris = sorted({r.uri for r in entries})
+        existing = sorted(set(grouped["existing"]))
+        if entries:
+            yield beam.pvalue.TaggedOutput(ListImages.STATS,
+                                           (ENTRIES, len(entries)))
+            if len(entries) > len(uris):  # the same image listed again
+                yield beam.pvalue.TaggedOutput(
+                    ListImages.STATS, (DUPLICATES, len(entries) - len(uris)))
+        if len(existing) > 1:
+            # The same image in several files: a retried bundle of a killed
+            # run. Keep the first, have the finalizer drop the others.
+            for path in existing[1:]:
+                yield beam.pvalue.TaggedOutput(ListImages.REDUNDANT,
+                                               (path, image_id))
+        if not uris:
+            return
+        # Same id, different URIs: the first (sorted) is embedded; the others
+        # cannot be, or the id would stop being a key.
+        for other in uris[1:]:
+            yield beam.pvalue.TaggedOutput(ListImages.FAILED, FailedImage(
+                image_id, other, "list", "DuplicateImageId",
+                f"image_id {image_id!r} is also given to {uris[0]}"))
+        if existing:
+            yield beam.pvalue.TaggedOutput(ListImages.STATS,
+                                           (SKIPPED_EXISTING, 1))
+            return
+        self._listed.inc()
+        yield beam.pvalue.TaggedOutput(ListImages.STATS, (TO_EMBED, 1))
+        yield ImageRef(image_id, uris[0])
+
+
+class ListImages(beam.PTransform):
+    """PBegin -> ImageRef (main), FailedImage ("failed"), (name, n) ("stats"),
+    (file, image_id) rows to drop from existing files ("redundant")."""
+    FAILED, STATS, REDUNDANT = "failed", "stats", "redundant"
+
+    def __init__(self, patterns: list[str], manifest: Optional[str],
+                 existing_files: list[str],
+                 extensions: Optional[tuple[str, ...]] = DEFAULT_EXTENSIONS):
+        super().__init__()
+        self._patterns = patterns
+        self._manifest = manifest
+        self._existing = existing_files
+        self._extensions = extensions
+
+    def expand(self, pbegin):
+        p = pbegin.pipeline
+        listed, failed, stats = [], [], []
+        if self._patterns:
+            from apache_beam.io import fileio
+            globbed = (p
+                       | "Patterns" >> beam.Create(self._patterns)
+                       | "Match" >> fileio.MatchAll()
+                       | "KeepImages" >> beam.ParDo(
+                           _GlobToRefs(self._extensions)).with_outputs(
+                               self.STATS, main="refs"))
+            listed.append(globbed.refs)
+            stats.append(globbed[self.STATS])
+        if self._manifest:
+            from_manifest = (p
+                             | "Manifest" >> beam.Create([self._manifest])
+                             | "ReadManifest" >> beam.ParDo(
+                                 _ReadManifest()).with_outputs(
+                                     self.FAILED, self.STATS, main="refs"))
+            listed.append(from_manifest.refs)
+            failed.append(from_manifest[self.FAILED])
+            stats.append(from_manifest[self.STATS])
+        refs = (listed | "AllListed" >> beam.Flatten()
+                | "KeyById" >> beam.Map(lambda r: (r.image_id, r)))
+        existing = (p
+                    | "ExistingFiles" >> beam.Create(self._existing)
+                    | "ExistingIds" >> beam.ParDo(_ReadExistingIds()))
+        resolved = ({"listed": refs, "existing": existing}
+                    | "JoinById" >> beam.CoGroupByKey()
+                    | "Resolve" >> beam.ParDo(_Resolve()).with_outputs(
+                        self.FAILED, self.STATS, self.REDUNDANT, main="refs"))
+        failed.append(resolved[self.FAILED])
+        stats.append(resolved[self.STATS])
+        return {
+            "refs": resolved.refs,
+            self.FAILED: failed | "ListFailures" >> beam.Flatten(),
+            self.STATS: stats | "ListStats" >> beam.Flatten(),
+            self.REDUNDANT: resolved[self.REDUNDANT],
+        }
