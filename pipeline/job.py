@@ -33,7 +33,8 @@ from pipeline.model.loading import LoadedModel, ModelSpec, load_model
 from pipeline.options import EmbedOptions
 from schemas import SCHEMA_VERSION
 from transforms import listing
-from transforms.decode import DecodeLimits, PreprocessSettings, ReadDecodeResize
+from transforms.decode import (DecodeLimits, PreprocessSettings,
+                               ReadDecodeResize, redact)
 from transforms.inference import Embed, MobileNetV2Handler, configure_tensorflow
 from transforms.report import CountProgress, ProgressMonitor, Summarize
 from transforms.write import (EMBEDDINGS, ERRORS, EmbeddingRows, ErrorRows,
@@ -261,20 +262,23 @@ def build(p: beam.Pipeline, plan_: Plan) -> None:
             CountProgress(plan_.progress_dir, ERRORS))
     write = dict(layout=plan_.layout, run_id=plan_.run_id,
                  metadata=plan_.metadata, rows_per_file=embed.rows_per_file)
+    written = rows | "WriteEmbeddings" >> beam.ParDo(WriteParquetFiles(
+        kind=EMBEDDINGS, rows=EmbeddingRows(
+            plan_.spec.variant, int(plan_.metadata["feature_dim"]),
+            imagenet_labels()),
+        **write)).with_outputs(WriteParquetFiles.FAILED, main="committed")
+    failures = ((failures, written[WriteParquetFiles.FAILED])
+                | "WithWriteFailures" >> beam.Flatten())
     committed = (
-        (rows | "WriteEmbeddings" >> beam.ParDo(WriteParquetFiles(
-            kind=EMBEDDINGS, rows=EmbeddingRows(
-                plan_.spec.variant, int(plan_.metadata["feature_dim"]),
-                imagenet_labels()),
-            **write)),
+        (written.committed,
          failures | "WriteErrors" >> beam.ParDo(WriteParquetFiles(
              kind=ERRORS, rows=ErrorRows(), **write)))
         | "AllCommitted" >> beam.Flatten())
     header = {
         "project_version": pipeline.__version__,
         "output": plan_.layout.root,
-        "inputs": plan_.patterns,
-        "manifest": embed.manifest,
+        "inputs": [redact(p) for p in plan_.patterns],
+        "manifest": redact(embed.manifest) if embed.manifest else None,
         "runner": plan_.options.view_as(StandardOptions).runner,
         "model": {k: plan_.metadata[k] for k in (
             "model", "model_source", "model_handle", "weights_sha256", "heads",

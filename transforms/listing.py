@@ -21,9 +21,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from schemas import FailedImage, ImageRef
+from transforms.decode import redact
 
 NAMESPACE = "mobilenet_embed"
-DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "png", "gif", "bmp", "webp",
+DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "mpo", "png", "gif", "bmp", "webp",
                       "tif", "tiff", "ppm", "pgm", "pbm")
 MANIFEST_FORMATS = ("txt", "csv", "parquet")
 _URI_COLUMNS = ("uri", "path", "url", "file")
@@ -78,18 +79,18 @@ def check_inputs(patterns: list[str], manifest: Optional[str]) -> None:
         try:
             found = FileSystems.match([pattern], limits=[1])[0].metadata_list
         except Exception as e:
-            raise ListingError(f"cannot list --input {pattern}: "
-                               f"{type(e).__name__}: {e}") from e
+            raise ListingError(f"cannot list --input {redact(pattern)}: "
+                               f"{type(e).__name__}") from e
         if not found:
-            raise ListingError(f"--input {pattern} matched no files")
+            raise ListingError(f"--input {redact(pattern)} matched no files")
     if manifest:
         manifest_format(manifest)
         if not FileSystems.exists(manifest):
-            raise ListingError(f"--manifest {manifest} does not exist")
+            raise ListingError(f"--manifest {redact(manifest)} does not exist")
         with FileSystems.open(manifest) as f:
             for _ in _read_manifest(f, manifest):
                 return
-        raise ListingError(f"--manifest {manifest} lists no images")
+        raise ListingError(f"--manifest {redact(manifest)} lists no images")
 
 
 def _resolve(entry: str, manifest: str) -> str:
@@ -118,7 +119,10 @@ def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:
             for image_id, uri in zip(ids, uris):
                 yield (None if image_id is None else str(image_id)), uri or ""
         return
-    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
+    # surrogateescape: a stray non-UTF-8 entry fails alone (see _ref), not the
+    # whole manifest.
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape",
+                            newline="")
     if fmt == "txt":
         for line in text:
             line = line.strip()
@@ -154,8 +158,7 @@ class _ReadManifest(beam.DoFn):
                         image_id or f"{path}#entry{number}", "", "list",
                         "EmptyUri", f"manifest entry {number} has no URI"))
                     continue
-                uri = _resolve(entry, path)
-                yield ImageRef(image_id or uri, uri)
+                yield from _emit(_resolve(entry, path), image_id)
 
 
 class _GlobToRefs(beam.DoFn):
@@ -168,7 +171,28 @@ class _GlobToRefs(beam.DoFn):
         if self._extensions is not None and ext not in self._extensions:
             yield beam.pvalue.TaggedOutput(ListImages.STATS, (NOT_IMAGES, 1))
             return
-        yield ImageRef(path, path)
+        yield from _emit(path)
+
+
+def _emit(uri: str, image_id: Optional[str] = None):
+    """The ImageRef of a listed URI, or why it cannot be one.
+
+    Without a manifest id the id is the URI, with any credentials in it
+    redacted: ids end up in files and logs.
+    """
+    try:
+        uri.encode("utf-8")
+        (image_id or "").encode("utf-8")
+    except UnicodeEncodeError:
+        # Parquet strings are UTF-8: a name that is not cannot be a key.
+        shown = uri.encode("utf-8", "backslashreplace").decode()
+        yield beam.pvalue.TaggedOutput(ListImages.STATS, (ENTRIES, 1))
+        yield beam.pvalue.TaggedOutput(ListImages.FAILED, FailedImage(
+            (image_id or uri).encode("utf-8", "backslashreplace").decode(),
+            redact(shown), "list", "NonUtf8Path",
+            f"{redact(shown)} is not valid UTF-8; rename it to embed it"))
+        return
+    yield ImageRef(image_id or redact(uri), uri)
 
 
 class _ReadExistingIds(beam.DoFn):
@@ -244,9 +268,10 @@ class ListImages(beam.PTransform):
                        | "Match" >> fileio.MatchAll()
                        | "KeepImages" >> beam.ParDo(
                            _GlobToRefs(self._extensions)).with_outputs(
-                               self.STATS, main="refs"))
+                               self.STATS, self.FAILED, main="refs"))
             listed.append(globbed.refs)
             stats.append(globbed[self.STATS])
+            failed.append(globbed[self.FAILED])
         if self._manifest:
             from_manifest = (p
                              | "Manifest" >> beam.Create([self._manifest])

@@ -40,6 +40,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import (ERRORS_SCHEMA, NUM_CLASSES, TOP_K, Embedding, FailedImage,
                      embeddings_schema)
+from transforms.decode import redact
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "mobilenet_embed"
@@ -113,7 +114,7 @@ class EmbeddingRows:
         label_matrix = self._labels[top_ids]
         columns = [
             pa.array([r.image_id for r in rows], pa.string()),
-            pa.array([r.uri for r in rows], pa.string()),
+            pa.array([redact(r.uri) for r in rows], pa.string()),
             pa.array([self.model] * n, pa.string()),
             _fixed_list(np.stack([r.logits for r in rows]), np.float32),
             _fixed_list(np.stack([r.feature_vector for r in rows]), np.float32),
@@ -140,18 +141,23 @@ class ErrorRows:
     schema = ERRORS_SCHEMA
 
     def to_batch(self, rows: list[FailedImage], times: list[int]) -> pa.RecordBatch:
+        # Error rows must always be writable: any text goes in as valid UTF-8.
         return pa.RecordBatch.from_arrays([
-            pa.array([r.image_id for r in rows], pa.string()),
-            pa.array([r.uri for r in rows], pa.string()),
+            pa.array([_text(r.image_id) for r in rows], pa.string()),
+            pa.array([_text(redact(r.uri)) for r in rows], pa.string()),
             pa.array([r.stage for r in rows], pa.string()),
-            pa.array([r.error_class for r in rows], pa.string()),
-            pa.array([r.message for r in rows], pa.string()),
+            pa.array([_text(r.error_class) for r in rows], pa.string()),
+            pa.array([_text(r.message) for r in rows], pa.string()),
             pa.array([r.content_sha256 for r in rows], pa.string()),
             pa.array(times, pa.timestamp("us", tz="UTC")),
         ], schema=self.schema)
 
     def failure_key(self, row: FailedImage) -> tuple:
         return (row.stage, row.error_class)
+
+
+def _text(value) -> str:
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 # --- the writer -----------------------------------------------------------------
@@ -194,7 +200,13 @@ class _OpenFile:
 
 
 class WriteParquetFiles(beam.DoFn):
-    """Records -> committed Parquet files; outputs one CommittedFile per file."""
+    """Records -> committed Parquet files; outputs one CommittedFile per file.
+
+    A row that cannot be converted fails alone: it leaves on the "failed"
+    output as a FailedImage of stage "write" and its batch is written
+    without it.
+    """
+    FAILED = "failed"
 
     def __init__(self, layout: OutputLayout, kind: str, run_id: str,
                  rows, metadata: dict, rows_per_file: int = 4096,
@@ -218,35 +230,64 @@ class WriteParquetFiles(beam.DoFn):
         self._buffer: list = []
         self._times: list[int] = []
 
-    def process(self, row) -> Iterable[CommittedFile]:
+    def process(self, row):
         self._buffer.append(row)
         self._times.append(int(time.time() * 1e6))
         if len(self._buffer) >= self._rows_per_group:
-            yield from self._flush()
+            for tag, value in self._flush():
+                yield value if tag is None else beam.pvalue.TaggedOutput(tag, value)
 
     def finish_bundle(self):
-        for committed in self._flush(final=True):
-            yield WindowedValue(committed, GlobalWindow().max_timestamp(),
-                                [GlobalWindow()])
+        for tag, value in self._flush(final=True):
+            windowed = WindowedValue(value, GlobalWindow().max_timestamp(),
+                                     [GlobalWindow()])
+            yield windowed if tag is None else beam.pvalue.TaggedOutput(tag, windowed)
 
-    def _flush(self, final: bool = False) -> Iterable[CommittedFile]:
+    def _flush(self, final: bool = False):
+        """Write the buffer; commit the file when full or at the bundle's end.
+
+        Yields (tag, value): (None, CommittedFile) or (FAILED, FailedImage).
+        """
         if self._buffer:
-            if self._file is None:
-                self._file = _OpenFile(self._layout, self._kind, self._run_id,
-                                       self._schema)
-            self._file.write(self._rows.to_batch(self._buffer, self._times))
-            for row in self._buffer:
-                key = self._rows.failure_key(row)
-                if key:
-                    self._file.failures[key] += 1
-            self._written.inc(len(self._buffer))
+            batch, good, failed = self._convert(self._buffer, self._times)
             self._buffer, self._times = [], []
+            for failure in failed:
+                yield self.FAILED, failure
+            if good:
+                if self._file is None:
+                    self._file = _OpenFile(self._layout, self._kind,
+                                           self._run_id, self._schema)
+                self._file.write(batch)
+                for row in good:
+                    key = self._rows.failure_key(row)
+                    if key:
+                        self._file.failures[key] += 1
+                self._written.inc(len(good))
         if self._file and (final or self._file.rows >= self._rows_per_file):
             path = self._file.commit()
             self._files.inc()
-            yield CommittedFile(self._kind, path, self._file.rows,
-                                tuple(sorted(self._file.failures.items())))
+            yield None, CommittedFile(self._kind, path, self._file.rows,
+                                      tuple(sorted(self._file.failures.items())))
             self._file = None
+
+    def _convert(self, rows: list, times: list[int]):
+        """(record batch, rows in it, FailedImages of rows that cannot be)."""
+        try:
+            return self._rows.to_batch(rows, times), rows, []
+        except Exception:  # find the guilty rows; the others are written
+            good, good_times, failed = [], [], []
+            for row, stamp in zip(rows, times):
+                try:
+                    self._rows.to_batch([row], [stamp])
+                    good.append(row)
+                    good_times.append(stamp)
+                except Exception as e:  # pylint: disable=broad-except
+                    failed.append(FailedImage(
+                        _text(row.image_id), _text(row.uri), "write",
+                        type(e).__name__, _text(e)[:300],
+                        getattr(row, "content_sha256", None)))
+            batch = self._rows.to_batch(good, good_times) if good else None
+            return batch, good, failed
 
     def teardown(self):
         # An abandoned attempt: leave nothing half-written in _staging/.
