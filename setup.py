@@ -36,6 +36,7 @@ EXTRAS = {
         "duckdb>=1.1",
         "gcp-storage-emulator>=2024.8.3",
         "psutil>=5.9",
+        "packaging>=23",  # tests/test_dataflow.py reads requirement specifiers
     ],
     "samples": ["scikit-image>=0.24"],
 }

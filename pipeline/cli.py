@@ -72,7 +72,35 @@ def _show(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
     from pipeline import job
-    return job.run(argv)
+    return job.run(_dry_run_flag(argv))
+
+
+def _dry_run_flag(argv: list[str]) -> list[str]:
+    """Beam's --dry_run wants a value and reads any text, even "False", as
+    true: accept a bare --dry_run and make a false value mean no dry run."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--dry_run":
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+            if value.lower() in _BOOLEANS:
+                i += 1
+            else:
+                value = "true"
+        elif arg.startswith("--dry_run="):
+            value = arg.split("=", 1)[1]
+        else:
+            out.append(arg)
+            i += 1
+            continue
+        if _BOOLEANS.get(value.lower(), True):
+            out.append("--dry_run=True")
+        i += 1
+    return out
+
+
+_BOOLEANS = {"true": True, "1": True, "yes": True,
+             "false": False, "0": False, "no": False}
 
 
 COMMANDS = {"run": _run, "models": _models, "schema": _schema,
@@ -105,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
+    from pipeline.gcs_auth import use_anonymous_gcs_if_emulated
+    use_anonymous_gcs_if_emulated()  # no credential search against an emulator
     from pipeline.job import JobError
     from pipeline.model.catalog import UnknownModelError
     from pipeline.model.loading import ModelUnavailableError

@@ -329,7 +329,10 @@ def format_summary(summary: dict) -> str:
 
 def run(argv: list[str]) -> int:
     plan_ = plan(argv)
-    p = beam.Pipeline(options=plan_.options)
+    try:
+        p = beam.Pipeline(options=plan_.options)
+    except ValueError as e:  # Beam's option checks (project id, region, ...)
+        raise JobError(" ".join(str(e).split())) from None
     build(p, plan_)
     monitor = None
     if plan_.progress_dir:

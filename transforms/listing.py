@@ -100,7 +100,8 @@ def _resolve(entry: str, manifest: str) -> str:
     if is_local(manifest):
         return os.path.normpath(os.path.join(
             os.path.dirname(os.path.abspath(manifest)), entry))
-    return posixpath.join(manifest.rsplit("/", 1)[0], entry)
+    scheme, rest = manifest.rsplit("/", 1)[0].split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, entry))}"
 
 
 def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:

@@ -207,9 +207,18 @@ def _local_copy(uri: str, spec: ModelSpec) -> str:
         raise ModelUnavailableError(
             f"could not list the SavedModel at {uri} ({type(e).__name__}: "
             f"{_first_line(e)}). Check the URI and the credentials of this "
-            f"machine. {_offline_help(spec)}") from e
+            "machine.") from e
     if not matches:
         raise ModelUnavailableError(f"no files under {uri}: nothing to load.")
+    relatives = [m.path[len(base) + 1:] for m in matches]
+    if not any(r.count("/") <= 1 and r.rsplit("/", 1)[-1] == "saved_model.pb"
+               for r in relatives):
+        # Checked before copying: a folder of images given by mistake must
+        # fail now, not after being downloaded.
+        raise ModelUnavailableError(
+            f"{uri} is not a SavedModel directory: it has no saved_model.pb, "
+            "nor classification/ and feature_vector/ SavedModels (it holds: "
+            f"{', '.join(sorted(relatives)[:10])}).")
     # The cache key includes sizes and times, so a replaced model is re-fetched.
     fingerprint = hashlib.sha256(base.encode())
     for m in sorted(matches, key=lambda m: m.path):
