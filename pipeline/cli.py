@@ -31,14 +31,24 @@ def _setup_logging() -> None:
                   "h5py", "keras"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_drop_beam_resource_warning)
+        handler.addFilter(_drop_known_noise)
+    logging.getLogger("tensorflow").addFilter(_drop_known_noise)
 
 
-def _drop_beam_resource_warning(record: logging.LogRecord) -> bool:
-    # Beam 2.77's RunInference imports its ModelManager (which needs torch)
-    # in the same try as `resource`; without torch it warns at every model
-    # load that memory cannot be measured. Harmless here: drop that line.
-    return "Resource module is not available" not in record.getMessage()
+# Harmless messages that would bury the useful ones:
+# - Beam 2.77's RunInference imports its ModelManager (which needs torch) in
+#   the same try as `resource`; without torch it warns at every model load
+#   that memory cannot be measured.
+# - TF warns once per variable when it loads a TF1 Hub module (/3), whose
+#   variables are reference variables; inference does not need them as
+#   Python objects.
+_NOISE = ("Resource module is not available",
+          "because it is a reference variable")
+
+
+def _drop_known_noise(record: logging.LogRecord) -> bool:
+    message = record.getMessage()
+    return not any(text in message for text in _NOISE)
 
 
 def _models(argv: list[str]) -> int:

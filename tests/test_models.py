@@ -236,3 +236,25 @@ def test_damaged_saved_model(tmp_path):
     with pytest.raises(ModelUnavailableError, match="could not load"):
         load_model(ModelSpec(variant="mobilenet_v2_035_96", source="saved_model",
                              handle=path))
+
+
+def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch):
+    from pipeline.model import loading
+    monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tf1_hub_module(str(tmp_path / "m"), size=96, feature_dim=1280)
+    spec = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
+    pixels = PROBE[:, :96, :96]
+    first = loading._load_uncached(spec)
+    (entry,) = (tmp_path / "cache" / "graphs").glob("*.pb")
+    built = []
+    monkeypatch.setattr(loading, "_freeze_saved_models",
+                        lambda *a: built.append(a) or pytest.fail("rebuilt"))
+    second = loading._load_uncached(spec)  # from the cache: nothing rebuilt
+    assert not built and second.heads == first.heads
+    np.testing.assert_array_equal(second.predict(pixels)[1], first.predict(pixels)[1])
+    monkeypatch.undo()
+    monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
+    entry.write_bytes(b"damaged")
+    third = loading._load_uncached(spec)  # rebuilt, and the entry repaired
+    np.testing.assert_array_equal(third.predict(pixels)[1], first.predict(pixels)[1])
+    assert entry.read_bytes() != b"damaged"

@@ -9,8 +9,9 @@ and inputs) are collapsed, the way common-subexpression elimination works.
 Because both heads read the same backbone weights, the whole backbone
 collapses to one copy and only the heads stay apart.
 
-`fuse_heads` reports how many convolutions were shared, so callers can tell
-(and record) whether the fusion really gave one pass.
+`fuse_heads` notes how many convolutions were shared, so callers can tell
+(and record) whether the fusion really gave one pass. Its result, like every
+frozen graph here, can be cached on disk and loaded without the SavedModels.
 """
 from __future__ import annotations
 
@@ -21,14 +22,39 @@ _INPUT = "fused_input"
 
 
 @dataclasses.dataclass
-class FusedHeads:
-    function: object  # ConcreteFunction: float32 images -> (out_0, out_1, ...)
-    convolutions_before: int  # in the separate graphs, summed
-    convolutions_after: int  # in the fused graph
+class FrozenGraph:
+    """A frozen inference graph: one float image input, named outputs.
 
-    @property
-    def one_pass(self) -> bool:
-        return self.convolutions_after < self.convolutions_before
+    Serializable (see `to_bytes`), so a fused model can be cached on disk and
+    loaded again without the SavedModels it came from.
+    """
+    graph_def: object  # tf.compat.v1.GraphDef
+    input_name: str  # tensor name, e.g. "fused_input:0"
+    output_names: list[str]
+    note: str  # how the outputs are computed, for the record
+
+    def function(self):
+        """A ConcreteFunction: images -> tuple of outputs."""
+        import tensorflow as tf
+
+        def _import():
+            tf.graph_util.import_graph_def(self.graph_def, name="")
+
+        wrapped = tf.compat.v1.wrap_function(_import, [])
+        return wrapped.prune(feeds=[self.input_name], fetches=self.output_names)
+
+    def to_bytes(self) -> tuple[bytes, dict]:
+        return (self.graph_def.SerializeToString(),
+                {"input_name": self.input_name,
+                 "output_names": self.output_names, "note": self.note})
+
+    @classmethod
+    def from_bytes(cls, data: bytes, info: dict) -> "FrozenGraph":
+        import tensorflow as tf
+        graph_def = tf.compat.v1.GraphDef()
+        graph_def.ParseFromString(data)
+        return cls(graph_def, info["input_name"], list(info["output_names"]),
+                   info["note"])
 
 
 def freeze(concrete_function):
@@ -36,6 +62,15 @@ def freeze(concrete_function):
     from tensorflow.python.framework.convert_to_constants import \
         convert_variables_to_constants_v2
     return convert_variables_to_constants_v2(concrete_function)
+
+
+def freeze_graph(concrete_function, note: str) -> FrozenGraph:
+    """Freeze a one-input function that already computes every output."""
+    frozen = freeze(concrete_function)
+    if len(frozen.inputs) != 1:
+        raise ValueError(f"expected one image input, got {len(frozen.inputs)}")
+    return FrozenGraph(frozen.graph.as_graph_def(), frozen.inputs[0].name,
+                       [t.name for t in frozen.outputs], note)
 
 
 def _topological(graph_def):
@@ -113,14 +148,12 @@ def merge_graphs(graphs):
     return merged, outputs
 
 
-def fuse_heads(functions) -> FusedHeads:
-    """One function computing every given single-input function's outputs.
+def fuse_heads(functions) -> FrozenGraph:
+    """One graph computing every given single-input function's output.
 
     functions: ConcreteFunctions taking one float32 image batch; each must
-    return one tensor. The result returns a tuple in the same order.
+    return one tensor. The graph's outputs keep their order.
     """
-    import tensorflow as tf
-
     graphs, before = [], 0
     for fn in functions:
         frozen = freeze(fn)
@@ -134,11 +167,10 @@ def fuse_heads(functions) -> FusedHeads:
                        [frozen.outputs[0].name]))
     merged, outputs = merge_graphs(graphs)
     after = sum(_is_convolution(n) for n in merged.node)
-
-    def _import():
-        tf.graph_util.import_graph_def(merged, name="")
-
-    wrapped = tf.compat.v1.wrap_function(_import, [])
-    function = wrapped.prune(feeds=[f"{_INPUT}:0"],
-                             fetches=[names[0] for names in outputs])
-    return FusedHeads(function, before, after)
+    if after < before:
+        note = (f"one pass: heads fused into one graph ({after} of {before} "
+                "convolutions kept)")
+    else:
+        note = "two passes: the heads share no computation"
+    return FrozenGraph(merged, f"{_INPUT}:0", [names[0] for names in outputs],
+                       note)

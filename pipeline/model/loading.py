@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -267,47 +268,89 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
 
 
 def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
+    """Every file layout ends as one frozen graph, cached on disk by weights
+    digest: a later process (another worker, the next run) imports it in a
+    second instead of loading and fusing the SavedModels again."""
+    digest = _weights_digest(paths)
+    cache = os.path.join(_cache_root(), "graphs",
+                         _graph_key(digest, variant, paths))
+    frozen = _read_graph(cache)
+    if frozen is None:
+        frozen = _freeze_saved_models(spec, variant, paths)
+        _write_graph(cache, frozen)
+    return _finish(spec, variant, frozen.function(), digest, frozen.note)
+
+
+def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str]):
     import tensorflow_hub as hub
 
     from pipeline.model import fusion
 
-    digest = _weights_digest(paths)
     objs = [hub.load(p) for p in paths]
-    size = variant.input_size
-    if len(objs) == 1:
-        obj, path = objs[0], paths[0]
-        signatures = set(obj.signatures.keys())
-        if {_CLS_SIG, _FV_SIG} <= signatures:
-            if hasattr(obj, "prune") and hasattr(obj, "graph"):
-                both = _prune_tf1(obj, path)
-                heads = "one pass: TF1 Hub module, both signatures pruned together"
-            else:
-                fused = fusion.fuse_heads([
-                    _single_output(obj.signatures[_CLS_SIG]),
-                    _single_output(obj.signatures[_FV_SIG])])
-                both, heads = fused.function, _fusion_note(fused)
-        elif _FV_SIG in signatures:
-            raise ModelUnavailableError(
-                f"{spec.describe()} holds only the feature-vector head. Pass "
-                "the classification module of the same variant instead: in "
-                "the /3 layout it carries both heads.")
-        else:
-            raise ModelUnavailableError(
-                f"{spec.describe()} holds one head only (a /4-/5 style "
-                "SavedModel). Pass a directory holding classification/ and "
-                "feature_vector/, or both with --model_handle and "
-                "--feature_vector_handle.")
-    else:
-        fused = fusion.fuse_heads([_callable_head(o, size) for o in objs])
-        both, heads = fused.function, _fusion_note(fused)
-    return _finish(spec, variant, both, digest, heads)
+    if len(objs) == 2:
+        return fusion.fuse_heads([_callable_head(o, variant.input_size)
+                                  for o in objs])
+    obj, path = objs[0], paths[0]
+    signatures = set(obj.signatures.keys())
+    if {_CLS_SIG, _FV_SIG} <= signatures:
+        if hasattr(obj, "prune") and hasattr(obj, "graph"):
+            return fusion.freeze_graph(
+                _prune_tf1(obj, path),
+                "one pass: TF1 Hub module, both signatures pruned together")
+        return fusion.fuse_heads([_single_output(obj.signatures[_CLS_SIG]),
+                                  _single_output(obj.signatures[_FV_SIG])])
+    if _FV_SIG in signatures:
+        raise ModelUnavailableError(
+            f"{spec.describe()} holds only the feature-vector head. Pass "
+            "the classification module of the same variant instead: in "
+            "the /3 layout it carries both heads.")
+    raise ModelUnavailableError(
+        f"{spec.describe()} holds one head only (a /4-/5 style "
+        "SavedModel). Pass a directory holding classification/ and "
+        "feature_vector/, or both with --model_handle and "
+        "--feature_vector_handle.")
 
 
-def _fusion_note(fused) -> str:
-    if fused.one_pass:
-        return (f"one pass: heads fused into one graph ({fused.convolutions_after}"
-                f" of {fused.convolutions_before} convolutions kept)")
-    return "two passes: the heads share no computation"
+# Bump when the frozen graphs built here change, so old caches are ignored.
+_GRAPH_FORMAT = "1"
+
+
+def _graph_key(digest: str, variant, paths: list[str]) -> str:
+    """Weights, graphs, variant and TensorFlow version: all that shapes it."""
+    import tensorflow as tf
+    key = hashlib.sha256("|".join((
+        _GRAPH_FORMAT, digest, variant.name, tf.__version__)).encode())
+    for path in paths:
+        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
+            key.update(hashlib.sha256(f.read()).digest())
+    return key.hexdigest()[:32]
+
+
+def _read_graph(path: str):
+    from pipeline.model.fusion import FrozenGraph
+    try:
+        with open(path + ".json") as f:
+            info = json.load(f)
+        with open(path + ".pb", "rb") as f:
+            return FrozenGraph.from_bytes(f.read(), info)
+    except Exception:  # absent or damaged (any parse error): rebuild
+        return None
+
+
+def _write_graph(path: str, frozen) -> None:
+    """Best effort and atomic: a reader sees a whole cache entry or none."""
+    data, info = frozen.to_bytes()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.{uuid.uuid4().hex}"
+        with open(temp + ".pb", "wb") as f:
+            f.write(data)
+        with open(temp + ".json", "w") as f:
+            json.dump(info, f)
+        os.replace(temp + ".pb", path + ".pb")  # the .json last: it marks it whole
+        os.replace(temp + ".json", path + ".json")
+    except OSError as e:
+        LOG.warning("could not cache the frozen model in %s: %s", path, e)
 
 
 def _single_output(fn):
