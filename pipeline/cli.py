@@ -23,7 +23,10 @@ USAGE = __doc__.split("\n\n")[1]
 
 
 def _setup_logging() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads
+    # Before TensorFlow loads: quieter C++ logs, and oneDNN (see
+    # transforms.inference.tensorflow_environment) unless the user chose.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")

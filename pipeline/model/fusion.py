@@ -32,6 +32,7 @@ class FrozenGraph:
     input_name: str  # tensor name, e.g. "fused_input:0"
     output_names: list[str]
     note: str  # how the outputs are computed, for the record
+    weights_sha256: str  # of the weights it was made from
 
     def function(self):
         """A ConcreteFunction: images -> tuple of outputs."""
@@ -46,7 +47,8 @@ class FrozenGraph:
     def to_bytes(self) -> tuple[bytes, dict]:
         return (self.graph_def.SerializeToString(),
                 {"input_name": self.input_name,
-                 "output_names": self.output_names, "note": self.note})
+                 "output_names": self.output_names, "note": self.note,
+                 "weights_sha256": self.weights_sha256})
 
     @classmethod
     def from_bytes(cls, data: bytes, info: dict) -> "FrozenGraph":
@@ -54,7 +56,7 @@ class FrozenGraph:
         graph_def = tf.compat.v1.GraphDef()
         graph_def.ParseFromString(data)
         return cls(graph_def, info["input_name"], list(info["output_names"]),
-                   info["note"])
+                   info["note"], info["weights_sha256"])
 
 
 def freeze(concrete_function):
@@ -64,13 +66,13 @@ def freeze(concrete_function):
     return convert_variables_to_constants_v2(concrete_function)
 
 
-def freeze_graph(concrete_function, note: str) -> FrozenGraph:
+def freeze_graph(concrete_function, note: str, weights_sha256: str) -> FrozenGraph:
     """Freeze a one-input function that already computes every output."""
     frozen = freeze(concrete_function)
     if len(frozen.inputs) != 1:
         raise ValueError(f"expected one image input, got {len(frozen.inputs)}")
     return FrozenGraph(frozen.graph.as_graph_def(), frozen.inputs[0].name,
-                       [t.name for t in frozen.outputs], note)
+                       [t.name for t in frozen.outputs], note, weights_sha256)
 
 
 def _topological(graph_def):
@@ -148,7 +150,7 @@ def merge_graphs(graphs):
     return merged, outputs
 
 
-def fuse_heads(functions) -> FrozenGraph:
+def fuse_heads(functions, weights_sha256: str) -> FrozenGraph:
     """One graph computing every given single-input function's output.
 
     functions: ConcreteFunctions taking one float32 image batch; each must
@@ -173,4 +175,4 @@ def fuse_heads(functions) -> FrozenGraph:
     else:
         note = "two passes: the heads share no computation"
     return FrozenGraph(merged, f"{_INPUT}:0", [names[0] for names in outputs],
-                       note)
+                       note, weights_sha256)

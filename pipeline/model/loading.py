@@ -251,20 +251,32 @@ def _local_copy(uri: str, spec: ModelSpec) -> str:
 # --- layouts ------------------------------------------------------------------
 
 def _load_random(spec: ModelSpec, variant) -> LoadedModel:
+    """The seeded architecture, frozen like every other source (the same
+    graph optimizations apply, and oneDNN then gives the same results
+    whatever the batch size), and cached on disk like them."""
+    import keras
     import tensorflow as tf
 
-    from pipeline.model import architecture
+    cache = os.path.join(_cache_root(), "graphs", _key(
+        "random", variant.name, str(spec.seed), keras.__version__))
+    frozen = _read_graph(cache)
+    if frozen is None:
+        from pipeline.model import architecture, fusion
 
-    model = architecture.build_random_model(variant, spec.seed)
+        model = architecture.build_random_model(variant, spec.seed)
 
-    @tf.function(input_signature=[tf.TensorSpec(
-        [None, variant.input_size, variant.input_size, 3], tf.float32)])
-    def both(images):
-        logits, features = model(images, training=False)
-        return logits, features
+        @tf.function(input_signature=[tf.TensorSpec(
+            [None, variant.input_size, variant.input_size, 3], tf.float32)])
+        def both(images):
+            logits, features = model(images, training=False)
+            return logits, features
 
-    return _finish(spec, variant, both, architecture.weights_digest(model),
-                   "one pass: native two-output model")
+        frozen = fusion.freeze_graph(both.get_concrete_function(),
+                                     "one pass: native two-output model",
+                                     architecture.weights_digest(model))
+        _write_graph(cache, frozen)
+    return _finish(spec, variant, frozen.function(), frozen.weights_sha256,
+                   frozen.note)
 
 
 def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
@@ -272,16 +284,18 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel
     digest: a later process (another worker, the next run) imports it in a
     second instead of loading and fusing the SavedModels again."""
     digest = _weights_digest(paths)
+    graphs = [_file_digest(os.path.join(p, "saved_model.pb")) for p in paths]
     cache = os.path.join(_cache_root(), "graphs",
-                         _graph_key(digest, variant, paths))
+                         _key(digest, variant.name, *graphs))
     frozen = _read_graph(cache)
     if frozen is None:
-        frozen = _freeze_saved_models(spec, variant, paths)
+        frozen = _freeze_saved_models(spec, variant, paths, digest)
         _write_graph(cache, frozen)
     return _finish(spec, variant, frozen.function(), digest, frozen.note)
 
 
-def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str]):
+def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
+                         digest: str):
     import tensorflow_hub as hub
 
     from pipeline.model import fusion
@@ -289,16 +303,18 @@ def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str]):
     objs = [hub.load(p) for p in paths]
     if len(objs) == 2:
         return fusion.fuse_heads([_callable_head(o, variant.input_size)
-                                  for o in objs])
+                                  for o in objs], digest)
     obj, path = objs[0], paths[0]
     signatures = set(obj.signatures.keys())
     if {_CLS_SIG, _FV_SIG} <= signatures:
         if hasattr(obj, "prune") and hasattr(obj, "graph"):
             return fusion.freeze_graph(
                 _prune_tf1(obj, path),
-                "one pass: TF1 Hub module, both signatures pruned together")
+                "one pass: TF1 Hub module, both signatures pruned together",
+                digest)
         return fusion.fuse_heads([_single_output(obj.signatures[_CLS_SIG]),
-                                  _single_output(obj.signatures[_FV_SIG])])
+                                  _single_output(obj.signatures[_FV_SIG])],
+                                 digest)
     if _FV_SIG in signatures:
         raise ModelUnavailableError(
             f"{spec.describe()} holds only the feature-vector head. Pass "
@@ -312,18 +328,19 @@ def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str]):
 
 
 # Bump when the frozen graphs built here change, so old caches are ignored.
-_GRAPH_FORMAT = "1"
+_GRAPH_FORMAT = "2"
 
 
-def _graph_key(digest: str, variant, paths: list[str]) -> str:
-    """Weights, graphs, variant and TensorFlow version: all that shapes it."""
+def _key(*parts: str) -> str:
+    """Cache key of a frozen graph: what shapes it, and the TF that built it."""
     import tensorflow as tf
-    key = hashlib.sha256("|".join((
-        _GRAPH_FORMAT, digest, variant.name, tf.__version__)).encode())
-    for path in paths:
-        with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-            key.update(hashlib.sha256(f.read()).digest())
-    return key.hexdigest()[:32]
+    return hashlib.sha256("|".join((_GRAPH_FORMAT, tf.__version__) + parts)
+                          .encode()).hexdigest()[:32]
+
+
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def _read_graph(path: str):
