@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
     "pyarrow>=16,<26",
     "pillow>=11.0",
     "google-cloud-storage>=2.14",
+    "psutil>=5.9",  # local runs size their worker processes by free memory
 ]
 
 EXTRAS = {
@@ -35,7 +36,6 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "duckdb>=1.1",
         "gcp-storage-emulator>=2024.8.3",
-        "psutil>=5.9",
         "packaging>=23",  # tests/test_dataflow.py reads requirement specifiers
     ],
     "samples": ["scikit-image>=0.24"],

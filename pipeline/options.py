@@ -100,7 +100,9 @@ class EmbedOptions(PipelineOptions):
 
         run = parser.add_argument_group("inference and throughput")
         run.add_argument("--min_batch_size", type=int, default=1)
-        run.add_argument("--max_batch_size", type=int, default=64)
+        # Smaller batches stay in the CPU's cache: 32 measured best with
+        # oneDNN (benchmarks/).
+        run.add_argument("--max_batch_size", type=int, default=32)
         run.add_argument(
             "--large_model", action="store_true",
             help="One model copy per machine, shared by its worker processes "

@@ -18,8 +18,17 @@ def sample_photos() -> Path:
 
 
 def run_job(*args: str) -> int:
-    """The job exactly as `mobilenet-embed run ...` runs it, in this process."""
-    return main(["run", "--progress", "off", *map(str, args)])
+    """The job as `mobilenet-embed run ...` runs it, from this process.
+
+    One in-memory worker unless the test asks for another layout: the same
+    stages as the default multi-process local run (tests/test_dataflow.py and
+    tests/test_gcs.py compare the two), without starting a worker process and
+    loading a model per job.
+    """
+    args = [str(a) for a in args]
+    if not any(a.startswith("--direct_") for a in args):
+        args += ["--direct_running_mode", "in_memory"]
+    return main(["run", "--progress", "off", *args])
 
 
 def read_embeddings(output: Path):

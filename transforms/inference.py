@@ -72,7 +72,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
     """DecodedImage in; Embedding (pixels dropped) or FailedImage out."""
 
     def __init__(self, spec: ModelSpec, *, min_batch_size: int = 1,
-                 max_batch_size: int = 64, large_model: bool = False,
+                 max_batch_size: int = 32, large_model: bool = False,
                  model_copies: Optional[int] = None,
                  expected_weights_sha256: Optional[str] = None,
                  intra_op_threads: int = 0, inter_op_threads: int = 0):
