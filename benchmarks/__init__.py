@@ -1,0 +1,1 @@
+"""Throughput benchmark of the embedding job: `python -m benchmarks.run`."""

@@ -1,0 +1,399 @@
+"""Targets (PASS/MISS against ratios measured in the same run) and the
+Markdown report.
+
+    python -m benchmarks.report [benchmarks/results/latest.json]
+
+re-renders latest.md (and the targets) from a results file.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.model_speed import BIG, MODELS
+
+E2E_RATIO = {MODELS[0]: 0.85, MODELS[1]: 0.6}
+START_UP_S = 20.0
+DECODE_SPEEDUP = 3.0
+HEADS_RATIO = 1.15
+RSS_GROWTH = 1.10
+
+
+def _status(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "MISS")
+
+
+def _target(name: str, measured, threshold: str, ok: bool | None,
+            detail: str = "") -> dict:
+    return {"target": name, "measured": measured, "threshold": threshold,
+            "status": _status(ok), "detail": detail}
+
+
+def _raw_reference(results: dict, model: str) -> float | None:
+    during = results.get("e2e", {}).get("raw_during", {}).get(model, {})
+    if during.get("median"):
+        return during["median"]
+    return results.get("raw", {}).get(f"random {model}", {}).get("best_images_per_s")
+
+
+def ceiling_ratio(results: dict, model: str, raw: float | None) -> float | None:
+    """The best end-to-end ratio the cores allow: every core busy with
+    nothing but decode+resize of the sample photos at the model's size and
+    the model itself, at the CPU cost per image of each measured here. A
+    target above it cannot be met by trimming pipeline overhead."""
+    size = model.rsplit("_", 1)[-1]
+    decode = (results.get("decode", {}).get("sample", {}).get("sizes", {})
+              .get(size, {}).get("reduced", {}).get("ms_per_image"))
+    model_ms = (results.get("e2e", {}).get("raw_during", {}).get(model, {})
+                .get("cpu_ms_per_image"))
+    cores = results.get("environment", {}).get("cpu", {}).get("cores")
+    if not (decode and model_ms and cores and raw):
+        return None
+    return round(1000.0 * cores / (decode + model_ms) / raw, 2)
+
+
+def e2e_targets(results: dict) -> list[dict]:
+    out = []
+    for pair in results.get("e2e", {}).get("pairs", []):
+        model, rate = pair["model"], pair["marginal_images_per_s"]
+        raw = _raw_reference(results, model)
+        ratio = round(rate / raw, 2) if rate and raw else None
+        ceiling = ceiling_ratio(results, model, raw)
+        out.append(_target(
+            f"end-to-end >= {E2E_RATIO[model]} x raw: {pair['case']}",
+            ratio, f">= {E2E_RATIO[model]}",
+            None if ratio is None else ratio >= E2E_RATIO[model],
+            f"marginal {rate} images/s vs raw {raw and round(raw, 1)} images/s"
+            + (f"; decode+model ceiling {ceiling}" if ceiling else "")))
+    starts = [(p["case"], p["start_up_s"], f"N={p['runs'][0]['images']} run, "
+               "model cache warm") for p in results.get("e2e", {}).get("pairs", [])]
+    starts += [(r["case"], r["first_row_s"], f"N={r['images']} run")
+               for r in results.get("cold_start", [])]
+    for case, start, detail in starts:
+        out.append(_target(f"start-up to first row: {case}", start,
+                           f"< {START_UP_S:.0f} s",
+                           None if start is None else start < START_UP_S, detail))
+    return out
+
+
+def decode_targets(results: dict) -> list[dict]:
+    decode = results.get("decode", {})
+    out = []
+    for key in ("large", "large_grain"):
+        for size, r in decode.get(key, {}).get("sizes", {}).items():
+            diff = r["difference"]
+            out.append(_target(
+                f"decode+resize >= {DECODE_SPEEDUP:.0f}x a full decode at {size}: "
+                f"{decode[key]['name']}",
+                r["speedup"], f">= {DECODE_SPEEDUP} and mean diff <= "
+                f"{decode['tolerance_mean_levels']}",
+                r["speedup"] >= DECODE_SPEEDUP and diff["within_tolerance"],
+                f"{r['reduced']['per_core_images_per_s']} vs "
+                f"{r['full']['per_core_images_per_s']} images/s per core; mean diff "
+                f"{diff['mean_abs_levels']} (worst image "
+                f"{diff['worst_image_mean_abs_levels']}, max {diff['max_abs_levels']}) "
+                f"levels; {decode[key]['bytes_per_pixel']} bytes/pixel"))
+    return out
+
+
+def heads_targets(results: dict) -> list[dict]:
+    ratios = results.get("heads", {}).get("time_ratio_both_over_logits_only", {})
+    return [_target(f"logits+features <= {HEADS_RATIO} x logits alone: {name}",
+                    ratio, f"<= {HEADS_RATIO}", ratio <= HEADS_RATIO)
+            for name, ratio in ratios.items()]
+
+
+def _memory_pairs(results: dict) -> list[tuple[dict, dict]]:
+    """(smaller run, larger run) of the same command: N1 and N2 of every
+    pair, and N1 with the memory run."""
+    pairs = results.get("e2e", {}).get("pairs", [])
+    out = [(p["runs"][0], p["runs"][1]) for p in pairs]
+    big = results.get("memory_run")
+    if big:
+        out += [(p["runs"][0], big) for p in pairs if p["case"] == big["case"]]
+    return out
+
+
+def memory_targets(results: dict) -> list[dict]:
+    """The memory run against N1 of its command; without one (quick mode),
+    every pair's N2 against its N1."""
+    pairs = _memory_pairs(results)
+    if results.get("memory_run"):
+        pairs = pairs[-1:]
+    out = []
+    for small, big in pairs:
+        growth = round(big["peak_rss_mb"] / small["peak_rss_mb"], 3)
+        out.append(_target(
+            f"peak RSS flat from {small['images']} to {big['images']} images: "
+            f"{small['case']}", growth, f"<= {RSS_GROWTH}", growth <= RSS_GROWTH,
+            f"{small['peak_rss_mb']} MB -> {big['peak_rss_mb']} MB"))
+    return out
+
+
+def targets(results: dict) -> list[dict]:
+    return (e2e_targets(results) + decode_targets(results)
+            + heads_targets(results) + memory_targets(results))
+
+
+# --- Markdown -------------------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |"
+              for row in rows]
+    return "\n".join(lines)
+
+
+def targets_table(rows: list[dict]) -> str:
+    return _table(["target", "measured", "threshold", "status", "detail"],
+                  [[t["target"], t["measured"], t["threshold"],
+                    f"**{t['status']}**", t["detail"]] for t in rows])
+
+
+def _environment(results: dict) -> str:
+    e = results["environment"]
+    cpu, v = e["cpu"], e["versions"]
+    flags = ", ".join(f"{k} {'yes' if on else 'no'}" for k, on in cpu["flags"].items())
+    return "\n".join([
+        f"- date: {e['date']}; mode: {results['mode']}; duration "
+        f"{results.get('duration_s')} s; commit {e['git_commit']}",
+        f"- CPU: {cpu['model']} (family/model {cpu['family_model']}), "
+        f"{cpu['cores']} cores, {cpu['memory_gib']} GiB; {flags}",
+        f"- bfloat16 in hardware: {'yes' if cpu['bf16_in_hardware'] else 'no'}",
+        "- versions: " + ", ".join(f"{k} {val}" for k, val in v.items()),
+        f"- TF_ENABLE_ONEDNN_OPTS in the benchmark's environment: "
+        f"{e['tf_enable_onednn_opts_env']!r}; the job sets for TensorFlow: "
+        f"{e.get('pipeline_tf_environment') or 'nothing'} (the raw-model "
+        "baselines get the same); shared data: "
+        f"{'yes' if results['shared']['photos'] else 'no (generated JPEGs)'}, "
+        f"real model: {'yes' if results['shared']['model'] else 'no'}",
+    ])
+
+
+def _raw(results: dict) -> str:
+    raw = results.get("raw", {})
+    if not raw:
+        return "not measured"
+    batches = sorted({int(b) for r in raw.values() for b in r["by_batch"]})
+    rows = [[name] + [_rate(r["by_batch"].get(b) or r["by_batch"].get(str(b)))
+                      for b in batches]
+            + [f"**{r['best_images_per_s']}** @ {r['best_batch']}"]
+            for name, r in raw.items()]
+    return _table(["model (LoadedModel.predict)"] + [f"batch {b}" for b in batches]
+                  + ["best"], rows)
+
+
+def _rate(cell: dict | None) -> str:
+    """A median rate; † where no timing of it had a quiet machine."""
+    if not cell:
+        return ""
+    return f"{cell['median']:.1f}" + ("" if cell.get("quiet", True) else " †")
+
+
+def _heads(results: dict) -> str:
+    h = results.get("heads")
+    if not h:
+        return "not measured"
+    rows = [[name, _rate(r), f"{r['cpu_ms_per_image']:.1f}"]
+            for name, r in h["rates"].items()]
+    return (f"Batch {h['batch']}.\n\n" + _table(
+        ["configuration", "images/s", "CPU ms/image"], rows))
+
+
+def _decode(results: dict) -> str:
+    d = results.get("decode")
+    if not d:
+        return "not measured"
+    rows = []
+    for key in ("sample", "large", "large_grain"):
+        s = d[key]
+        for size, r in s["sizes"].items():
+            diff = r["difference"]
+            rows.append([f"{s['name']} ({s['images']}; {s['mean_megapixels']} MP, "
+                         f"{s['mean_file_mb']} MB, {s['bytes_per_pixel']} B/px avg)",
+                         size, r["reduced"]["per_core_images_per_s"],
+                         r["full"]["per_core_images_per_s"], f"x{r['speedup']}",
+                         diff["mean_abs_levels"], diff["worst_image_mean_abs_levels"],
+                         diff["max_abs_levels"]])
+    return _table(["images", "size", "reduced (default) img/s/core",
+                   "full decode img/s/core", "speedup", "mean |diff|",
+                   "worst image mean", "max |diff|"], rows)
+
+
+def _e2e(results: dict) -> str:
+    e = results.get("e2e")
+    if not e:
+        return "not measured"
+    rows = []
+    for p in e["pairs"]:
+        r1, r2 = p["runs"]
+        raw = _raw_reference(results, p["model"])
+        rate = p["marginal_images_per_s"]
+        rows.append([p["case"], f"{r1['images']}: {r1['wall_s']} s",
+                     f"{r2['images']}: {r2['wall_s']} s", f"**{rate}**",
+                     p["in_run_images_per_s"], raw and round(raw, 1),
+                     round(rate / raw, 2) if rate and raw else None,
+                     f"{p['marginal_cpu_ms_per_image']} / {_raw_cpu(results, p['model'])}",
+                     p["start_up_s"], f"{r1['peak_rss_mb']} / {r2['peak_rss_mb']} "
+                     f"({r2['peak_rss_launcher_mb']})",
+                     p["bytes_per_image"],
+                     f"{r1['foreign_load']} / {r2['foreign_load']}"])
+    during = "; ".join(f"{m}: {v.get('runs')} at batch {v['batch']}"
+                       for m, v in e["raw_during"].items())
+    return (_table(["case", "N1 wall", "N2 wall", "marginal img/s", "in-run img/s",
+                    "raw img/s (same minutes)", "ratio",
+                    "CPU ms/img e2e / raw", "start-up s",
+                    "peak RSS MB N1/N2 (launcher)", "Parquet bytes/image",
+                    "foreign load N1/N2"],
+                   rows)
+            + f"\n\nRaw timings taken between the runs: {during}.")
+
+
+def _raw_cpu(results: dict, model: str) -> float | None:
+    cpu = results.get("e2e", {}).get("raw_during", {}).get(model, {}).get(
+        "cpu_ms_per_image")
+    return round(cpu, 2) if cpu else None
+
+
+def _memory(results: dict) -> str:
+    rows = [[s["case"], s["images"], s["peak_rss_mb"], b["images"], b["peak_rss_mb"],
+             round(b["peak_rss_mb"] / s["peak_rss_mb"], 3)]
+            for s, b in _memory_pairs(results)]
+    return _table(["case", "N", "peak RSS MB", "N", "peak RSS MB", "growth"], rows) \
+        if rows else "not measured"
+
+
+def _options(results: dict) -> str:
+    o = results.get("options")
+    if not o:
+        return "not measured (quick mode)"
+    parts = []
+    for group, g in o.items():
+        rows = [[name] + [_rate(by_batch.get(b) or by_batch.get(str(b)))
+                          for b in (8, 32)]
+                + [f"{(by_batch.get(8) or by_batch.get('8') or {}).get('cpu_ms_per_image', 0):.1f}",
+                   g["load"].get(name, {}).get("onednn")]
+                for name, by_batch in g["rates"].items() if by_batch]
+        rows += [[name, "failed", "", "", error[:120]]
+                 for name, error in g.get("errors", {}).items()]
+        parts.append(f"**{group}** (images/s, medians of interleaved timings)\n\n"
+                     + _table(["configuration", "batch 8", "batch 32",
+                               "CPU ms/img @8", "oneDNN"], rows))
+        if "accuracy" in g and "modes" in g["accuracy"]:
+            a = g["accuracy"]
+            parts.append(
+                f"Accuracy guard on {a['images']} sample photos, against "
+                f"'{a['reference']}' (float32): top-1 within 0.5 points, feature "
+                "cosine >= 0.999\n\n" + _table(
+                    ["mode", "top-1 %", "delta points", "min cosine",
+                     "mean cosine", "guard"],
+                    [[n, m["top1_percent"], m["top1_delta_points"],
+                      m["min_feature_cosine"], m["mean_feature_cosine"],
+                      "PASS" if m["passes"] else "FAIL"]
+                     for n, m in a["modes"].items()]))
+    return "\n\n".join(parts)
+
+
+def _threads(results: dict) -> str:
+    t = results.get("threads")
+    if not t:
+        return "not measured (quick mode)"
+    rows = []
+    for model, g in t.items():
+        for layout, by_batch in g["rates"].items():
+            if by_batch:
+                rows.append([model, layout] + [_rate(by_batch.get(b) or by_batch.get(str(b)))
+                                               for b in (8, 32)])
+    return _table(["model", "layout (total images/s)", "batch 8", "batch 32"], rows)
+
+
+def _experiments(results: dict) -> str:
+    x = results.get("experiments")
+    if not x:
+        return "not measured (quick mode)"
+    rows = [[r["case"], " ".join(r["args"]) or "-",
+             " ".join(f"{k}={v}" for k, v in r["env"].items()) or "-",
+             f"**{r['in_run_images_per_s']}**", r["wall_s"], r["first_row_s"],
+             round(r["parquet_bytes"] / r["rows"]) if r["rows"] else None,
+             f"{r['peak_rss_mb']} ({r['peak_rss_launcher_mb']})", r["foreign_load"]]
+            for r in x["runs"]]
+    return (f"{x['images']} images per run; rate from inside each "
+            "run (rows between the 10th and 90th percentile of event_timestamp).\n\n"
+            + _table(["case", "extra arguments", "environment", "in-run img/s",
+                      "wall s", "first row s", "Parquet bytes/image",
+                      "peak RSS MB (launcher)",
+                      "foreign load"], rows))
+
+
+def _profile(results: dict) -> str:
+    profiles = results.get("profile")
+    if not profiles:
+        return "not measured (quick mode)"
+    parts = []
+    for model, p in profiles.items():
+        if "skipped" in p:
+            parts.append(f"{model}: {p['skipped']}")
+            continue
+        rows = [[k, p["seconds"][k], round(1000 * p["seconds"][k] / p["images"], 2),
+                 p["percent"][k]] for k in p["seconds"]]
+        parts.append(
+            f"**{model}**, {p['images']} images, single process, py-spy at "
+            f"{p['rate_hz']} Hz (main thread: launcher and the only worker). "
+            f"Batch sizes Beam gave the model (size: calls): {p['batch_sizes']}."
+            "\n\n" + _table(["where", "seconds", "ms per image", "%"], rows))
+    return "\n\n".join(parts)
+
+
+def _targets_notes(results: dict) -> str:
+    notes = ["*Decode+model ceiling*: the end-to-end ratio the cores would give "
+             "if they did nothing but decode+resize the sample photos and run "
+             "the model: cores x 1000 / (decode CPU ms/image + model CPU "
+             "ms/image) over the raw rate, each cost measured in this run. "
+             "Where a target is above it, no trimming of pipeline overhead "
+             "can meet it."]
+    if results.get("mode") == "quick":
+        notes.append("*Quick mode*: end-to-end pairs of a few hundred images "
+                     "are a smoke test; their marginal rates swing with "
+                     "start-up noise. Use the full run's figures.")
+    return "\n\n".join(notes)
+
+
+def markdown(results: dict) -> str:
+    failed = results.get("failed_sections")
+    return "\n\n".join(filter(None, [
+        f"# Throughput benchmark ({results['mode']})",
+        _environment(results),
+        "## Targets\n\n" + targets_table(results.get("targets", [])),
+        _targets_notes(results),
+        f"Failed sections: {failed}" if failed else "",
+        "## Raw model throughput (images/s)\n\n" + _raw(results),
+        "## Logits + features vs logits alone\n\n" + _heads(results),
+        "## Decode + resize, one core\n\n" + _decode(results),
+        "## End to end (`python -m pipeline run ... --model_source random`)\n\n"
+        + _e2e(results),
+        "## Peak memory\n\n" + _memory(results),
+        "## Investigation: CPU execution options\n\n" + _options(results),
+        "## Investigation: threads vs processes (2 cores)\n\n" + _threads(results),
+        "## Investigation: end-to-end experiments\n\n" + _experiments(results),
+        "## Where the time goes\n\n" + _profile(results),
+        f"† no timing of this figure had a quiet machine (other processes kept "
+        f"more than 0.3 cores busy); \"foreign load\" is that load in cores. See "
+        f"benchmarks/README.md for how each figure is measured. {BIG} is the "
+        "default model; random weights unless marked real.",
+    ])) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    path = Path(argv[0] if argv else Path(__file__).parent / "results" / "latest.json")
+    results = json.loads(path.read_text())
+    results["targets"] = targets(results)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(markdown(results))
+    print(targets_table(results["targets"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

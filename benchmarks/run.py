@@ -1,0 +1,363 @@
+"""Throughput benchmark: one command, one machine, one run.
+
+    .venv/bin/python -m benchmarks.run            # full, about 20-25 minutes
+    .venv/bin/python -m benchmarks.run --quick    # smoke, under 3 minutes
+    .venv/bin/python -m benchmarks.run --out DIR  # results elsewhere
+
+Writes DIR/latest.json and DIR/latest.md (default benchmarks/results/);
+generated inputs and logs go under DIR/work/ (gitignored). See README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks import decode_speed, end_to_end, env, inputs, model_speed, \
+    profile_run, report, workers
+from benchmarks.end_to_end import MULTI_PROCESS, SINGLE_PROCESS, Case
+from benchmarks.workers import Pool
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SECTIONS = ("raw", "heads", "decode", "e2e", "options", "threads", "profile")
+
+
+@dataclass(frozen=True)
+class Params:
+    batches: tuple[int, ...]
+    rounds: int
+    seconds: float  # per timing
+    sample_limit: int  # sample photos decoded
+    large_photos: int
+    decode_rounds: int
+    e2e_sizes: tuple[int, int]  # N1, N2
+    e2e_layouts: bool  # explicit single- and multi-process runs too
+    memory_size: int | None  # a larger run, for peak RSS
+    experiment_size: int  # single runs of the e2e experiments
+    cold_start_size: int  # a run with an empty model cache
+    investigate: bool
+    real_model: bool  # time the real-weights model too (a slow load)
+
+
+FULL = Params(batches=(1, 8, 16, 32, 64, 128), rounds=3, seconds=1.0,
+              sample_limit=200, large_photos=12, decode_rounds=3,
+              e2e_sizes=(1000, 3000), e2e_layouts=True, memory_size=5000,
+              experiment_size=1000, cold_start_size=100, investigate=True,
+              real_model=True)
+QUICK = Params(batches=(1, 16, 64), rounds=2, seconds=0.5, sample_limit=40,
+               large_photos=3, decode_rounds=1, e2e_sizes=(100, 400),
+               e2e_layouts=False, memory_size=None, experiment_size=0,
+               cold_start_size=0, investigate=False, real_model=False)
+
+
+class Bench:
+    """Shared state of one benchmark run."""
+
+    def __init__(self, params: Params, out: Path, shared: Path):
+        self.params = params
+        self.out = out
+        self.work = out / "work"
+        self.work.mkdir(parents=True, exist_ok=True)
+        # The job caches frozen model graphs on disk. The benchmark's own
+        # cache, emptied now, is warmed by the first loads; start-up with a
+        # cold cache is measured separately.
+        cache = self.work / "model_cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        os.environ["MOBILENET_EMBED_CACHE_DIR"] = str(cache)
+        self.shared = shared
+        self.shared_model = (model_speed.shared_model(shared)
+                             if params.real_model else None)
+        self.log = open(self.work / "workers.log", "w")
+        self.started = time.monotonic()
+        self.results: dict = {"params": params.__dict__}
+        self._pool: Pool | None = None
+
+    def model_pool(self) -> Pool:
+        """The raw-model workers, kept from the sweep through the end-to-end
+        runs (timed between them): loading them costs a minute."""
+        if self._pool is None:
+            self._pool = Pool(model_speed.raw_configs(self.shared_model), self.log)
+        return self._pool
+
+    def close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.0f} s] {text}", flush=True)
+
+    def photos(self) -> list[Path]:
+        found = inputs.sample_photos(self.shared)
+        return found or inputs.synthetic_photos(self.work / "synthetic")
+
+
+# --- sections --------------------------------------------------------------------------
+
+def raw_model(b: Bench) -> None:
+    b.say("raw model throughput: batch-size sweep")
+    p = b.params
+    pool = b.model_pool()
+    names = [c.name for c in model_speed.raw_configs(b.shared_model)]
+    b.results["raw"] = model_speed.raw_sweep(pool, names, list(p.batches),
+                                             p.rounds, p.seconds)
+    b.results["model_workers"] = model_speed.pool_report(pool)
+    for name, r in b.results["raw"].items():
+        b.say(f"  {name}: {r['best_images_per_s']} images/s at batch {r['best_batch']}")
+
+
+def _best_batch(b: Bench, model: str) -> int:
+    return b.results.get("raw", {}).get(f"random {model}", {}).get("best_batch", 16)
+
+
+def heads(b: Bench) -> None:
+    b.say("logits + features vs logits alone")
+    p = b.params
+    with Pool(model_speed.head_configs(b.shared_model), b.log) as pool:
+        b.results["heads"] = model_speed.heads_cost(
+            pool, _best_batch(b, model_speed.BIG), p.rounds + 1, p.seconds)
+    b.say(f"  {b.results['heads']['time_ratio_both_over_logits_only']}")
+
+
+def decode(b: Bench) -> None:
+    b.say("decode + resize per core")
+    p = b.params
+    photos = b.photos()
+    folder = b.work / "large"
+    sets = {
+        "sample": ("sample photos", photos[:p.sample_limit]),
+        "large": ("large, upscaled from the sample",
+                  inputs.large_photos(folder, photos, p.large_photos)),
+        "large_grain": ("large, upscaled + sensor grain (camera-like bytes/pixel)",
+                        inputs.large_photos(folder, photos, p.large_photos,
+                                            grain=6.0)),
+    }
+    b.results["decode"] = decode_speed.run(sets, (224, 96), p.decode_rounds)
+    for key in ("large", "large_grain"):
+        for size, r in b.results["decode"][key]["sizes"].items():
+            b.say(f"  {key} at {size}: x{r['speedup']} faster reduced, mean diff "
+                  f"{r['difference']['mean_abs_levels']} levels")
+
+
+def default_case(model: str) -> Case:
+    """The command with no layout options: what a user runs."""
+    return Case(f"{model} default (no options)", model)
+
+
+def _e2e_cases(p: Params) -> list[Case]:
+    cases = []
+    for model in model_speed.MODELS:
+        cases.append(default_case(model))
+        if p.e2e_layouts:
+            cases += [Case(f"{model} single-process", model, SINGLE_PROCESS),
+                      Case(f"{model} multi-process (2 workers)", model,
+                           MULTI_PROCESS)]
+    return cases
+
+
+def e2e(b: Bench) -> None:
+    """Pairs of runs per case; raw model timings between them, so that the
+    ratio compares figures from the same minutes."""
+    b.say("end to end (the command as a user runs it)")
+    p = b.params
+    sizes = sorted({*p.e2e_sizes, p.memory_size or 0, p.experiment_size,
+                    p.cold_start_size} - {0})
+    sets = {n: inputs.image_set(b.work / "inputs", n, b.photos()) for n in sizes}
+    pool = b.model_pool()
+    pairs, raw_during = [], {m: [] for m in model_speed.MODELS}
+
+    def spot_check(model: str) -> None:
+        raw_during[model].extend(model_speed.spot_check(
+            pool, f"random {model}", _best_batch(b, model), 2, p.seconds))
+
+    for case in _e2e_cases(p):
+        spot_check(case.model)
+        pairs.append(end_to_end.pair(case, sets, p.e2e_sizes, b.work, b.say))
+    for model in model_speed.MODELS:
+        spot_check(model)
+    b.close_pool()
+    b.results["e2e"] = {"pairs": pairs, "raw_during": {
+        m: {"batch": _best_batch(b, m), **model_speed.summarize_spots(v)}
+        for m, v in raw_during.items()}}
+    memory(b, sets)
+    cold_start(b)
+
+
+def memory(b: Bench, sets: dict[int, Path]) -> None:
+    """Peak RSS of the default command at a larger N (the target compares it
+    with the N1 run of the same case)."""
+    p = b.params
+    if not p.memory_size:
+        return
+    case = default_case(model_speed.BIG)
+    b.say(f"  memory: {case.name} at N={p.memory_size}")
+    run = end_to_end.quiet_run(case, sets[p.memory_size], p.memory_size, b.work)
+    b.results["memory_run"] = end_to_end.as_dict(run)
+
+
+def cold_start(b: Bench) -> None:
+    """Start-up of a first run: the job's model cache empty."""
+    p = b.params
+    if not p.cold_start_size:
+        return
+    folder = inputs.image_set(b.work / "inputs", p.cold_start_size, b.photos())
+    runs = []
+    for model in model_speed.MODELS:
+        with tempfile.TemporaryDirectory(dir=b.work) as empty:
+            case = Case(f"{model} default, cold model cache", model,
+                        env=(("MOBILENET_EMBED_CACHE_DIR", empty),))
+            run = end_to_end.quiet_run(case, folder, p.cold_start_size, b.work)
+        b.say(f"  {case.name}: first row at {run.first_row_s} s")
+        runs.append(end_to_end.as_dict(run))
+    b.results["cold_start"] = runs
+
+
+def _experiment_cases(b: Bench) -> list[Case]:
+    """Possible product changes, as options and environment of today's job.
+    The big model runs with real weights where they are here: its frozen,
+    fused graph is what users run, and it responds differently (oneDNN)."""
+    big, small = model_speed.BIG, model_speed.MODELS[1]
+    real = ("--model_handle", b.shared_model) if b.shared_model else None
+    weights = dict(source=real) if real else {}
+    tag = f"{'real' if real else 'random'} {big}"
+    multi_1 = MULTI_PROCESS + ("--tf_intra_op_threads", "1",
+                               "--tf_inter_op_threads", "1")
+
+    def fixed(n: int) -> tuple[str, ...]:
+        return ("--min_batch_size", str(n), "--max_batch_size", str(n))
+
+    return [
+        Case(f"{tag}: default", big, **weights),
+        Case(f"{tag}: oneDNN off", big, env=(("TF_ENABLE_ONEDNN_OPTS", "0"),),
+             **weights),
+        Case(f"{tag}: single-process", big, SINGLE_PROCESS, **weights),
+        Case(f"{tag}: 2 processes x 1 TF thread, batch 32", big,
+             multi_1 + fixed(32), **weights),
+        Case(f"{tag}: default (again)", big, **weights),
+        Case(f"random {small}: default", small),
+        Case(f"random {small}: single-process", small, SINGLE_PROCESS),
+        Case(f"random {small}: 2 processes x 1 TF thread, batch 64", small,
+             multi_1 + fixed(64)),
+    ]
+
+
+def experiments(b: Bench) -> None:
+    """Single runs of possible product changes, compared by in-run rate."""
+    p = b.params
+    if not p.experiment_size:
+        return
+    b.say("end-to-end experiments")
+    folder = inputs.image_set(b.work / "inputs", p.experiment_size, b.photos())
+    runs = []
+    for case in _experiment_cases(b):
+        run = end_to_end.quiet_run(case, folder, p.experiment_size, b.work)
+        b.say(f"  {case.name}: {run.in_run_images_per_s} images/s in-run, "
+              f"{run.wall_s} s, first row {run.first_row_s} s, foreign load "
+              f"{run.foreign_load}")
+        runs.append({**end_to_end.as_dict(run), "case": case.name,
+                     "args": list(case.args), "env": dict(case.env)})
+    b.results["experiments"] = {"images": p.experiment_size, "runs": runs}
+
+
+def options(b: Bench) -> None:
+    b.say("CPU execution options (one process per configuration)")
+    p = b.params
+    batches = [8, 32]
+    out = {}
+    pixels = labels = None
+    if b.shared_model:
+        pixels, labels = model_speed.sample_pixels(b.shared, b.work / "sample224.npy")
+    for group, configs in model_speed.option_groups(b.shared_model).items():
+        with Pool(configs, b.log) as pool:
+            out[group] = model_speed.compare(pool, batches, p.rounds, p.seconds)
+            if group.startswith("real") and pixels is not None:
+                out[group]["accuracy"] = model_speed.accuracy(
+                    pool, list(pool.workers), model_speed.ACCURACY_REFERENCE,
+                    pixels, labels, b.work)
+        b.say(f"  {group}: " + ", ".join(
+            f"{n} {max(r[x]['median'] for x in r):.1f}"
+            for n, r in out[group]["rates"].items() if r))
+    b.results["options"] = out
+
+
+def threads(b: Bench) -> None:
+    b.say("threads vs processes")
+    p = b.params
+    out = {}
+    for model in model_speed.MODELS:
+        with Pool(model_speed.thread_configs(model), b.log) as pool:
+            out[model] = model_speed.threads(pool, [8, 32], p.rounds, p.seconds)
+    b.results["threads"] = out
+
+
+def profile(b: Bench) -> None:
+    n = b.params.e2e_sizes[0]
+    folder = inputs.image_set(b.work / "inputs", n, b.photos())
+    b.results["profile"] = {}
+    for model in model_speed.MODELS:
+        b.say(f"profile: {model}, single-process run of {n} images under py-spy")
+        b.results["profile"][model] = profile_run.run(folder, n, model, b.work)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def _plan(params: Params, only: list[str] | None) -> list:
+    steps = [("raw", raw_model), ("heads", heads), ("decode", decode),
+             ("e2e", e2e)]
+    if params.investigate:
+        steps += [("e2e", experiments), ("options", options),
+                  ("threads", threads), ("profile", profile)]
+    return [(name, fn) for name, fn in steps if not only or name in only]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="short smoke run (under 3 minutes)")
+    parser.add_argument("--out", type=Path, default=RESULTS,
+                        help="results folder (default: benchmarks/results)")
+    parser.add_argument("--shared", type=Path, default=env.ROOT.parent / "shared",
+                        help="the shared photos and models (default: ../shared)")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS,
+                        help="run only these sections (for development)")
+    args = parser.parse_args(argv)
+    params = QUICK if args.quick else FULL
+    bench = Bench(params, args.out.resolve(), args.shared.resolve())
+    bench.results["environment"] = env.describe()
+    bench.results["environment"]["pipeline_tf_environment"] = \
+        workers.pipeline_tf_environment()
+    bench.results["mode"] = "quick" if args.quick else "full"
+    bench.results["shared"] = {"path": str(bench.shared),
+                               "photos": bool(inputs.sample_photos(bench.shared)),
+                               "model": bench.shared_model}
+    for name, step in _plan(params, args.only):
+        try:
+            step(bench)
+        except Exception as e:  # one broken section must not lose the others
+            bench.say(f"  {name} failed: {type(e).__name__}: {e}")
+            bench.results.setdefault("failed_sections", {})[step.__name__] = \
+                f"{type(e).__name__}: {e}"
+    bench.close_pool()
+    bench.results["duration_s"] = round(time.monotonic() - bench.started)
+    bench.results["targets"] = report.targets(bench.results)
+    write(bench.results, bench.out)
+    bench.say(f"wrote {bench.out / 'latest.json'} and {bench.out / 'latest.md'}")
+    print(report.targets_table(bench.results["targets"]))
+    return 0
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    (out / "latest.md").write_text(report.markdown(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
