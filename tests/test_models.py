@@ -106,6 +106,29 @@ def test_random_weights_are_seeded():
     assert a.heads.startswith("one pass")
 
 
+def test_batches_run_on_few_shapes_and_padding_changes_no_row():
+    from pipeline.model.loading import padded_batch_sizes
+    # Every batch up to 32 is covered exactly, on at most 7 distinct shapes.
+    shapes = set()
+    for n in range(1, 33):
+        sizes = padded_batch_sizes(n)
+        assert sum(images for images, _ in sizes) == n
+        assert all(padded >= images for images, padded in sizes)
+        shapes.update(padded for _, padded in sizes)
+    assert shapes == {1, 2, 4, 8, 16, 24, 32}
+    model = load_model(ModelSpec(variant="mobilenet_v2_035_96", source="random"))
+    pixels = (np.random.RandomState(3).rand(27, 96, 96, 3) * 255).astype(np.uint8)
+    logits, features = model.predict(pixels)  # 24 + 3 padded to 4
+    assert logits.shape == (27, 1001) and features.shape == (27, 1280)
+    for i in (0, 23, 24, 26):
+        one_logits, one_features = model.predict(pixels[i:i + 1])
+        np.testing.assert_allclose(logits[i], one_logits[0], atol=1e-4)
+        np.testing.assert_allclose(features[i], one_features[0], atol=1e-4)
+    # Padding rows must not leak into the padded batch's real rows.
+    five = model.predict(pixels[:5])[0]  # padded to 8
+    np.testing.assert_allclose(five, logits[:5], atol=1e-4)
+
+
 # --- SavedModel layouts -------------------------------------------------------------
 
 def _direct(path, head):
