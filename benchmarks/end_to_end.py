@@ -193,6 +193,19 @@ def marginal(first: Run, second: Run) -> float | None:
     return round((second.images - first.images) / dt, 2)
 
 
+def marginal_after_first_row(first: Run, second: Run) -> float | None:
+    """(N2 - N1) over the difference of the times from first row to end: the
+    same rate with the start-up's own jitter taken out too. Where a pair's
+    extra images take only seconds (a small model), a second more or less of
+    start-up swings (N2 - N1) / (T2 - T1) widely; this estimate does not."""
+    if first.first_row_s is None or second.first_row_s is None:
+        return None
+    dt = (second.wall_s - second.first_row_s) - (first.wall_s - first.first_row_s)
+    if dt <= 0 or first.exit_code or second.exit_code:
+        return None
+    return round((second.images - first.images) / dt, 2)
+
+
 def as_dict(run: Run) -> dict:
     return asdict(run)
 
@@ -214,6 +227,8 @@ def pair(case: Case, sets: dict[int, Path], sizes: tuple[int, int], work: Path,
         "args": list(case.source + case.args),
         "env": dict(case.env), "ok": ok,
         "marginal_images_per_s": marginal(first, second) if ok else None,
+        "marginal_after_first_row_images_per_s":
+            marginal_after_first_row(first, second) if ok else None,
         # CPU of the whole tree per extra image: work done, whatever the load.
         "marginal_cpu_ms_per_image": round(
             1000 * (second.cpu_s - first.cpu_s) / (second.images - first.images),

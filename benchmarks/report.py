@@ -57,15 +57,21 @@ def e2e_targets(results: dict) -> list[dict]:
     out = []
     for pair in results.get("e2e", {}).get("pairs", []):
         model, rate = pair["model"], pair["marginal_images_per_s"]
+        steady = pair.get("marginal_after_first_row_images_per_s")
         raw = _raw_reference(results, model)
         ratio = round(rate / raw, 2) if rate and raw else None
+        detail = f"marginal {rate} images/s vs raw {raw and round(raw, 1)} images/s"
+        if ratio is not None and steady and steady < rate:
+            # Judged on the lower of the two estimates: start-up jitter can
+            # only flatter the wall-clock one.
+            ratio = round(steady / raw, 2)
+            detail += f"; after first row {steady} images/s (the lower is judged)"
         ceiling = ceiling_ratio(results, model, raw)
         out.append(_target(
             f"end-to-end >= {E2E_RATIO[model]} x raw: {pair['case']}",
             ratio, f">= {E2E_RATIO[model]}",
             None if ratio is None else ratio >= E2E_RATIO[model],
-            f"marginal {rate} images/s vs raw {raw and round(raw, 1)} images/s"
-            + (f"; decode+model ceiling {ceiling}" if ceiling else "")))
+            detail + (f"; decode+model bound {ceiling}" if ceiling else "")))
     starts = [(p["case"], p["start_up_s"], f"N={p['runs'][0]['images']} run, "
                "model cache warm") for p in results.get("e2e", {}).get("pairs", [])]
     starts += [(r["case"], r["first_row_s"], f"N={r['images']} run")
@@ -233,6 +239,7 @@ def _e2e(results: dict) -> str:
         rate = p["marginal_images_per_s"]
         rows.append([p["case"], f"{r1['images']}: {r1['wall_s']} s",
                      f"{r2['images']}: {r2['wall_s']} s", f"**{rate}**",
+                     p.get("marginal_after_first_row_images_per_s"),
                      p["in_run_images_per_s"], raw and round(raw, 1),
                      round(rate / raw, 2) if rate and raw else None,
                      f"{p['marginal_cpu_ms_per_image']} / {_raw_cpu(results, p['model'])}",
@@ -242,7 +249,8 @@ def _e2e(results: dict) -> str:
                      f"{r1['foreign_load']} / {r2['foreign_load']}"])
     during = "; ".join(f"{m}: {v.get('runs')} at batch {v['batch']}"
                        for m, v in e["raw_during"].items())
-    return (_table(["case", "N1 wall", "N2 wall", "marginal img/s", "in-run img/s",
+    return (_table(["case", "N1 wall", "N2 wall", "marginal img/s",
+                    "marginal after first row", "in-run img/s",
                     "raw img/s (same minutes)", "ratio",
                     "CPU ms/img e2e / raw", "start-up s",
                     "peak RSS MB N1/N2 (launcher)", "Parquet bytes/image",
@@ -347,7 +355,7 @@ def _profile(results: dict) -> str:
 
 
 def _targets_notes(results: dict) -> str:
-    notes = ["*Decode+model ceiling*: the end-to-end ratio the cores would give "
+    notes = ["*Decode+model bound*: the end-to-end ratio the cores would give "
              "if they did nothing but decode+resize the sample photos and run "
              "the model: cores x 1000 / (decode CPU ms/image + model CPU "
              "ms/image) over the raw rate, each cost measured in this run. "
