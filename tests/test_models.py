@@ -281,3 +281,40 @@ def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch)
     third = loading._load_uncached(spec)  # rebuilt, and the entry repaired
     np.testing.assert_array_equal(third.predict(pixels)[1], first.predict(pixels)[1])
     assert entry.read_bytes() != b"damaged"
+
+
+def test_launcher_metadata_comes_from_the_cache_without_loading(tmp_path, monkeypatch):
+    """A launcher that does not run the model reads its metadata from the
+    graph cache: the same as loading it, and nothing when not cached."""
+    from pipeline.model import loading
+    monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
+    path = build_tf1_hub_module(str(tmp_path / "m"), size=96, feature_dim=1280)
+    folder = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
+    random = ModelSpec(variant="mobilenet_v2_035_96", source="random", seed=5)
+    for spec in (folder, random):
+        assert loading.cached_metadata(spec) is None  # not loaded yet
+        loaded = loading._load_uncached(spec)
+        assert loading.cached_metadata(spec) == loaded.metadata()
+    # Other weights in the same folder: the cache entry no longer applies.
+    other = build_tf1_hub_module(str(tmp_path / "m2"), size=96, feature_dim=1280,
+                                 seed=9)
+    shutil.rmtree(path)
+    shutil.copytree(other, path)
+    assert loading.cached_metadata(folder) is None
+    # A model that cannot be had fails as load_model does.
+    with pytest.raises(ModelUnavailableError, match="no SavedModel directory"):
+        loading.cached_metadata(ModelSpec(variant="mobilenet_v2_035_96",
+                                          source="saved_model",
+                                          handle=str(tmp_path / "absent")))
+
+
+@needs_shared
+def test_a_model_that_fails_its_checks_is_not_cached(tmp_path, monkeypatch):
+    from pipeline.model import loading
+    monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
+    spec = ModelSpec(variant="mobilenet_v2_100_192", source="saved_model",
+                     handle=str(SHARED_MODEL / "v1_signatures"))
+    with pytest.raises(ModelUnavailableError, match="right variant"):
+        loading._load_uncached(spec)
+    assert loading.cached_metadata(spec) is None
+    assert not list((tmp_path / "cache").rglob("*.pb"))

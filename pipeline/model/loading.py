@@ -149,22 +149,32 @@ _CACHE: dict[ModelSpec, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
-    """Load once per process: later calls with the same spec share the model."""
+def load_model(spec: ModelSpec, paths: Optional[list[str]] = None) -> LoadedModel:
+    """Load once per process: later calls with the same spec share the model.
+    `paths`: what `resolve_model(spec)` gave, where the caller has it."""
     with _CACHE_LOCK:
         if spec not in _CACHE:
-            _CACHE[spec] = _load_uncached(spec)
+            _CACHE[spec] = _load_uncached(spec, paths)
         return _CACHE[spec]
 
 
-def _load_uncached(spec: ModelSpec) -> LoadedModel:
+def resolve_model(spec: ModelSpec) -> list[str]:
+    """The local SavedModel folders of `spec` (none for random weights):
+    fetched through TF-Hub's cache or copied from gs:// where needed."""
+    if spec.source == "random":
+        return []
+    if spec.source == "tfhub":
+        return [_resolve_hub(h, spec) for h in spec.hub_handles()]
+    return _resolve_saved_model(spec)
+
+
+def _load_uncached(spec: ModelSpec, paths: Optional[list[str]] = None
+                   ) -> LoadedModel:
     variant = catalog.get_variant(spec.variant)
     if spec.source == "random":
         return _load_random(spec, variant)
-    if spec.source == "tfhub":
-        paths = [_resolve_hub(h, spec) for h in spec.hub_handles()]
-    else:
-        paths = _resolve_saved_model(spec)
+    if paths is None:
+        paths = resolve_model(spec)
     try:
         return _load_directories(spec, variant, paths)
     except ModelUnavailableError:
@@ -290,13 +300,12 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
     """The seeded architecture, frozen like every other source (the same
     graph optimizations apply, and oneDNN then gives the same results
     whatever the batch size), and cached on disk like them."""
-    import keras
     import tensorflow as tf
 
-    cache = os.path.join(_cache_root(), "graphs", _key(
-        "random", variant.name, str(spec.seed), keras.__version__))
+    cache = _random_cache_path(spec, variant)
     frozen = _read_graph(cache)
-    if frozen is None:
+    fresh = frozen is None
+    if fresh:
         from pipeline.model import architecture, fusion
 
         model = architecture.build_random_model(variant, spec.seed)
@@ -310,9 +319,11 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
         frozen = fusion.freeze_graph(both.get_concrete_function(),
                                      "one pass: native two-output model",
                                      architecture.weights_digest(model))
+    loaded = _finish(spec, variant, frozen.function(), frozen.weights_sha256,
+                     frozen.note)
+    if fresh:  # only graphs that passed _finish's checks are cached
         _write_graph(cache, frozen)
-    return _finish(spec, variant, frozen.function(), frozen.weights_sha256,
-                   frozen.note)
+    return loaded
 
 
 def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
@@ -320,14 +331,66 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel
     digest: a later process (another worker, the next run) imports it in a
     second instead of loading and fusing the SavedModels again."""
     digest = _weights_digest(paths)
-    graphs = [_file_digest(os.path.join(p, "saved_model.pb")) for p in paths]
-    cache = os.path.join(_cache_root(), "graphs",
-                         _key(digest, variant.name, *graphs))
+    cache = _directories_cache_path(variant, paths, digest)
     frozen = _read_graph(cache)
-    if frozen is None:
+    fresh = frozen is None
+    if fresh:
         frozen = _freeze_saved_models(spec, variant, paths, digest)
+    loaded = _finish(spec, variant, frozen.function(), digest, frozen.note)
+    if fresh:  # only graphs that passed _finish's checks are cached
         _write_graph(cache, frozen)
-    return _finish(spec, variant, frozen.function(), digest, frozen.note)
+    return loaded
+
+
+def _random_cache_path(spec: ModelSpec, variant) -> str:
+    return os.path.join(_cache_root(), "graphs", _key(
+        "random", variant.name, str(spec.seed), _version("keras")))
+
+
+def _directories_cache_path(variant, paths: list[str], digest: str) -> str:
+    graphs = [_file_digest(os.path.join(p, "saved_model.pb")) for p in paths]
+    return os.path.join(_cache_root(), "graphs",
+                        _key(digest, variant.name, *graphs))
+
+
+def cached_metadata(spec: ModelSpec, paths: Optional[list[str]] = None
+                    ) -> Optional[dict]:
+    """What `load_model(spec).metadata()` gives, read from the on-disk cache
+    of frozen graphs without building or running the model; None where the
+    cache does not hold it yet.
+
+    For a launcher that will not run the model itself (worker processes,
+    Dataflow): loading it there costs seconds of start-up for nothing but
+    the metadata. Only graphs that passed `_finish`'s checks are cached, so
+    a hit is a model known to work. The model is still resolved (TF-Hub
+    cache, folder, gs:// copy; `paths` where the caller did it), so a
+    missing one fails here as it would in `load_model`.
+    """
+    variant = catalog.get_variant(spec.variant)
+    if spec.source == "random":
+        cache = _random_cache_path(spec, variant)
+        digest = None
+    else:
+        if paths is None:
+            paths = resolve_model(spec)
+        try:
+            digest = _weights_digest(paths)
+            cache = _directories_cache_path(variant, paths, digest)
+        except OSError:
+            return None  # let load_model say what is wrong
+    try:
+        with open(cache + ".json") as f:
+            info = json.load(f)
+        if not os.path.isfile(cache + ".pb"):
+            return None
+        weights, note = info["weights_sha256"], info["note"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if digest is not None and weights != digest:
+        return None
+    return {"model": spec.variant, "model_source": spec.source,
+            "model_handle": spec.describe(), "weights_sha256": weights,
+            "heads": note, "feature_dim": variant.feature_dim}
 
 
 def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
@@ -369,9 +432,22 @@ _GRAPH_FORMAT = "2"
 
 def _key(*parts: str) -> str:
     """Cache key of a frozen graph: what shapes it, and the TF that built it."""
-    import tensorflow as tf
-    return hashlib.sha256("|".join((_GRAPH_FORMAT, tf.__version__) + parts)
+    return hashlib.sha256("|".join((_GRAPH_FORMAT, _version("tensorflow")) + parts)
                           .encode()).hexdigest()[:32]
+
+
+def _version(module: str) -> str:
+    """A package's version without importing it (importing TensorFlow takes
+    seconds; `cached_metadata` must not)."""
+    import importlib.metadata
+    names = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-intel",
+                            "tf-nightly")}.get(module, (module,))
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return importlib.import_module(module).__version__
 
 
 def _file_digest(path: str) -> str:
