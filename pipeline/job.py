@@ -36,7 +36,8 @@ from schemas import SCHEMA_VERSION
 from transforms import listing
 from transforms.decode import (DecodeLimits, PreprocessSettings,
                                ReadDecodeResize, redact)
-from transforms.inference import Embed, MobileNetV2Handler, configure_tensorflow
+from transforms.inference import (Embed, MobileNetV2Handler, configure_tensorflow,
+                                  default_max_batch_size)
 from transforms.report import CountProgress, ProgressMonitor, Summarize
 from transforms.write import (EMBEDDINGS, ERRORS, EmbeddingRows, ErrorRows,
                               OutputLayout, WriteParquetFiles, read_json,
@@ -208,6 +209,11 @@ def plan(argv: list[str]) -> Plan:
         catalog.get_variant(embed.model)
     except catalog.UnknownModelError as e:
         raise JobError(str(e)) from None
+    if embed.min_batch_size < 1 or (embed.max_batch_size is not None and
+                                    embed.max_batch_size < embed.min_batch_size):
+        raise JobError(f"--min_batch_size {embed.min_batch_size} and "
+                       f"--max_batch_size {embed.max_batch_size}: need "
+                       "1 <= min <= max")
     spec = model_spec(embed)
     patterns = [listing.normalize_pattern(p) for arg in embed.input
                 for p in arg.split(",") if p.strip()]
@@ -227,6 +233,9 @@ def plan(argv: list[str]) -> Plan:
         resize_mode=embed.resize_mode, crop_fraction=embed.crop_fraction,
         reduced_jpeg_decode=not embed.no_reduced_jpeg_decode)
     limits = DecodeLimits(max_bytes=embed.max_bytes, max_pixels=embed.max_pixels)
+    if not embed.max_batch_size:
+        embed.max_batch_size = max(embed.min_batch_size,
+                                   default_max_batch_size(variant.input_size))
     if runner in LOCAL_RUNNERS:
         _use_every_core(options, embed, argv)
     in_process = (runner in LOCAL_RUNNERS and options.view_as(

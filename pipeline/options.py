@@ -100,9 +100,13 @@ class EmbedOptions(PipelineOptions):
 
         run = parser.add_argument_group("inference and throughput")
         run.add_argument("--min_batch_size", type=int, default=1)
-        # Smaller batches stay in the CPU's cache: 32 measured best with
-        # oneDNN (benchmarks/).
-        run.add_argument("--max_batch_size", type=int, default=32)
+        run.add_argument(
+            "--max_batch_size", type=int, default=None,
+            help="Images per model call at most. Default: the pixels of 16 "
+                 "images at 224x224 (16 at 224, 31 at 160, 49 at 128, 64 at "
+                 "96): bounds each worker's activation memory, and as "
+                 "fast as larger batches with one TensorFlow thread per "
+                 "process (benchmarks/).")
         run.add_argument(
             "--large_model", action="store_true",
             help="One model copy per machine, shared by its worker processes "

@@ -235,6 +235,21 @@ def test_cli_empty_glob_is_reported(tmp_path):
     assert "matched no files" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_batch_sizes_are_checked(tmp_path):
+    for sizes in (("--min_batch_size", "0"),
+                  ("--min_batch_size", "8", "--max_batch_size", "4")):
+        r = _cli("run", "--input", tmp_path / "*.jpg", "--output", tmp_path / "out",
+                 "--model_source", "random", *sizes)
+        assert r.returncode == 2, r.stderr
+        assert "need 1 <= min <= max" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_default_batch_size_holds_the_pixels_of_16_at_224():
+    from transforms.inference import default_max_batch_size
+    assert [default_max_batch_size(s) for s in (224, 192, 160, 128, 96)] == \
+        [16, 21, 31, 49, 64]
+
+
 def test_cli_models_and_schema():
     r = _cli("models")
     assert r.returncode == 0 and r.stdout.count("mobilenet_v2_") == 22

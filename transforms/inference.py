@@ -68,6 +68,14 @@ def configure_tensorflow(intra_op_threads: int = 0,
                         "threads %s; cannot change them now", current)
 
 
+def default_max_batch_size(input_size: int) -> int:
+    """The pixels of 16 images at 224x224, as images of `input_size`, within
+    16..64. Activation memory grows with the pixels of a batch (measured at
+    224, two workers: about 300 MB more each at 32 images than at 16) while
+    one TensorFlow thread per process is no faster on larger batches."""
+    return max(16, min(64, 16 * 224 * 224 // (input_size * input_size)))
+
+
 class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
     """DecodedImage in; Embedding (pixels dropped) or FailedImage out."""
 
