@@ -37,14 +37,20 @@ def _raw_reference(results: dict, model: str) -> float | None:
     return results.get("raw", {}).get(f"random {model}", {}).get("best_images_per_s")
 
 
+def _sample_decode(results: dict, model: str) -> dict:
+    """Reduced decode+resize of the sample photos at the model's size (keys
+    are ints in a run, strings once read back from JSON)."""
+    size = model.rsplit("_", 1)[-1]
+    sizes = results.get("decode", {}).get("sample", {}).get("sizes", {})
+    return (sizes.get(size) or sizes.get(int(size)) or {}).get("reduced", {})
+
+
 def ceiling_ratio(results: dict, model: str, raw: float | None) -> float | None:
     """The best end-to-end ratio the cores allow: every core busy with
     nothing but decode+resize of the sample photos at the model's size and
     the model itself, at the CPU cost per image of each measured here. A
     target above it cannot be met by trimming pipeline overhead."""
-    size = model.rsplit("_", 1)[-1]
-    decode = (results.get("decode", {}).get("sample", {}).get("sizes", {})
-              .get(size, {}).get("reduced", {}).get("ms_per_image"))
+    decode = _sample_decode(results, model).get("ms_per_image")
     model_ms = (results.get("e2e", {}).get("raw_during", {}).get(model, {})
                 .get("cpu_ms_per_image"))
     cores = results.get("environment", {}).get("cpu", {}).get("cores")
@@ -393,12 +399,107 @@ def markdown(results: dict) -> str:
     ])) + "\n"
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+README_START = "<!-- benchmark:start (written by python -m benchmarks.run) -->"
+README_END = "<!-- benchmark:end -->"
+
+
+def readme_block(results: dict) -> str:
+    """The README's figures: the machine, the headline figures per model and
+    the targets, from one full run."""
+    e = results["environment"]
+    cpu, v = e["cpu"], e["versions"]
+    pairs = {p["case"]: p for p in results.get("e2e", {}).get("pairs", [])}
+    memory = results.get("memory_run")
+
+    def e2e(model: str, case: str) -> str:
+        p = pairs.get(f"{model} {case}")
+        raw = _raw_reference(results, model)
+        if not p or not p["marginal_images_per_s"] or not raw:
+            return "n/a"
+        rate = min(p["marginal_images_per_s"],
+                   p.get("marginal_after_first_row_images_per_s") or float("inf"))
+        return f"{rate:.0f} ({rate / raw:.2f} x raw)"
+
+    def row(label: str, fn) -> list:
+        return [label] + [fn(m) for m in MODELS]
+
+    def raw_best(m: str) -> str:
+        r = results.get("raw", {}).get(f"random {m}", {})
+        return f"{r.get('best_images_per_s')} (batch {r.get('best_batch')})"
+
+    def start(m: str) -> str:
+        p = pairs.get(f"{m} default (no options)", {})
+        c = next((r for r in results.get("cold_start", [])
+                  if r["case"].startswith(m)), {})
+        return f"{p.get('start_up_s')} / {c.get('first_row_s')}"
+
+    def decode(m: str) -> str:
+        d = _sample_decode(results, m)
+        return f"{d.get('per_core_images_per_s')} ({d.get('ms_per_image')} ms)"
+
+    def rss(m: str) -> str:
+        p = pairs.get(f"{m} default (no options)")
+        if not p:
+            return "n/a"
+        text = f"{p['runs'][0]['peak_rss_mb']:.0f} / {p['runs'][1]['peak_rss_mb']:.0f}"
+        if memory and memory["case"] == p["case"]:
+            text += f" / {memory['peak_rss_mb']:.0f}"
+        return text
+
+    def size(m: str) -> str:
+        p = pairs.get(f"{m} default (no options)", {})
+        return str(p.get("bytes_per_image"))
+
+    n1, n2 = results["params"]["e2e_sizes"]
+    rows = [
+        row("raw model, images/s (best batch)", raw_best),
+        row("end to end, the default command: marginal images/s", lambda m: e2e(m, "default (no options)")),
+        row("end to end, one process (`--direct_running_mode in_memory`)", lambda m: e2e(m, "single-process")),
+        row("start-up to first row, s: model cache warm / cold", start),
+        row("decode+resize of a sample photo, images/s per core", decode),
+        row(f"peak RSS MB, {n1} / {n2}" + (f" / {memory['images']}" if memory else "")
+            + " images (all processes)", rss),
+        row("Parquet bytes per image", size),
+    ]
+    misses = [t for t in results.get("targets", []) if t["status"] == "MISS"]
+    return "\n\n".join([
+        f"Measured {e['date'][:10]} at commit {e['git_commit']} on {cpu['model']}, "
+        f"{cpu['cores']} cores, {cpu['memory_gib']} GiB (AVX2, no AVX-512 or "
+        f"bfloat16 hardware), TensorFlow {v.get('tensorflow')}, Beam "
+        f"{v.get('apache-beam')}; random weights (the speed of the real "
+        "weights is the same), 224: `mobilenet_v2_100_224`, 96: "
+        "`mobilenet_v2_035_96`. End-to-end ratios are to the raw rate "
+        "measured between the end-to-end runs (same minutes).",
+        _table(["", *MODELS], rows),
+        f"Targets: {sum(t['status'] == 'PASS' for t in results.get('targets', []))} "
+        f"met, {len(misses)} missed.",
+        targets_table(results.get("targets", [])),
+    ])
+
+
+def update_readme(results: dict, readme: Path = README) -> bool:
+    """Replace the README's benchmark block; False where it has none."""
+    try:
+        text = readme.read_text()
+    except OSError:
+        return False
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        return False
+    readme.write_text(text[:start + len(README_START)] + "\n\n"
+                      + readme_block(results) + "\n\n" + text[end:])
+    return True
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0] if argv else Path(__file__).parent / "results" / "latest.json")
     results = json.loads(path.read_text())
     results["targets"] = targets(results)
     path.write_text(json.dumps(results, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(results))
+    if results.get("mode") == "full" and path.parent == Path(__file__).parent / "results":
+        update_readme(results)
     print(targets_table(results["targets"]))
     return 0
 

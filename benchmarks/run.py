@@ -349,6 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.results["targets"] = report.targets(bench.results)
     write(bench.results, bench.out)
     bench.say(f"wrote {bench.out / 'latest.json'} and {bench.out / 'latest.md'}")
+    if not args.quick and not args.only and bench.out == RESULTS:
+        # Only a whole full run in the repository's own results speaks for
+        # the project in its README.
+        if report.update_readme(bench.results):
+            bench.say(f"updated the figures in {report.README}")
     print(report.targets_table(bench.results["targets"]))
     return 0
 

@@ -257,3 +257,29 @@ def test_cli_models_and_schema():
     assert r.returncode == 0
     assert "fixed_size_list<item: float>[1792]" in r.stdout
     assert "error_class: string not null" in r.stdout
+
+
+def test_local_layouts_split_the_cores_between_processes(monkeypatch):
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from pipeline.job import _use_every_core
+    from pipeline.options import EmbedOptions
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+
+    def layout(*args):
+        argv = ["--output", "x", *args]
+        options = PipelineOptions(argv)
+        embed = options.view_as(EmbedOptions)
+        _use_every_core(options, embed, argv)
+        direct = options.get_all_options()
+        return (direct["direct_running_mode"], direct["direct_num_workers"],
+                embed.tf_intra_op_threads, embed.tf_inter_op_threads)
+
+    mode, workers, intra, inter = layout()  # default: a process per core
+    assert mode == "multi_processing" and 1 <= workers <= 8
+    assert (intra, inter) == (8 // workers, 1)
+    assert layout("--direct_running_mode", "multi_processing",
+                  "--direct_num_workers", "2") == ("multi_processing", 2, 4, 1)
+    assert layout("--direct_running_mode", "multi_processing",
+                  "--direct_num_workers", "2", "--tf_intra_op_threads", "3"
+                  )[2:] == (3, 1)
+    assert layout("--direct_running_mode", "in_memory")[2:] == (0, 0)
