@@ -120,14 +120,16 @@ class LoadedModel:
                 np.concatenate([p[1] for p in parts]))
 
     def metadata(self) -> dict:
-        return {
-            "model": self.spec.variant,
-            "model_source": self.spec.source,
-            "model_handle": self.spec.describe(),
-            "weights_sha256": self.weights_sha256,
-            "heads": self.heads,
-            "feature_dim": self.feature_dim,
-        }
+        return _metadata(self.spec, self.weights_sha256, self.heads,
+                         self.feature_dim)
+
+
+def _metadata(spec: ModelSpec, weights_sha256: str, heads: str,
+              feature_dim: int) -> dict:
+    """The model's part of the output's metadata."""
+    return {"model": spec.variant, "model_source": spec.source,
+            "model_handle": spec.describe(), "weights_sha256": weights_sha256,
+            "heads": heads, "feature_dim": feature_dim}
 
 
 BATCH_STEP = 8
@@ -302,10 +304,7 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
     whatever the batch size), and cached on disk like them."""
     import tensorflow as tf
 
-    cache = _random_cache_path(spec, variant)
-    frozen = _read_graph(cache)
-    fresh = frozen is None
-    if fresh:
+    def build():
         from pipeline.model import architecture, fusion
 
         model = architecture.build_random_model(variant, spec.seed)
@@ -316,14 +315,11 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
             logits, features = model(images, training=False)
             return logits, features
 
-        frozen = fusion.freeze_graph(both.get_concrete_function(),
-                                     "one pass: native two-output model",
-                                     architecture.weights_digest(model))
-    loaded = _finish(spec, variant, frozen.function(), frozen.weights_sha256,
-                     frozen.note)
-    if fresh:  # only graphs that passed _finish's checks are cached
-        _write_graph(cache, frozen)
-    return loaded
+        return fusion.freeze_graph(both.get_concrete_function(),
+                                   "one pass: native two-output model",
+                                   architecture.weights_digest(model))
+
+    return _load_frozen(spec, variant, _random_cache_path(spec, variant), build)
 
 
 def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
@@ -331,13 +327,22 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel
     digest: a later process (another worker, the next run) imports it in a
     second instead of loading and fusing the SavedModels again."""
     digest = _weights_digest(paths)
-    cache = _directories_cache_path(variant, paths, digest)
+    return _load_frozen(spec, variant,
+                        _directories_cache_path(variant, paths, digest),
+                        lambda: _freeze_saved_models(spec, variant, paths, digest))
+
+
+def _load_frozen(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
+    """The frozen graph from the cache, else `build()` it; cached only once
+    it has passed `_finish`'s checks, so a cache hit is a model known to
+    work (`cached_metadata` relies on that)."""
     frozen = _read_graph(cache)
     fresh = frozen is None
     if fresh:
-        frozen = _freeze_saved_models(spec, variant, paths, digest)
-    loaded = _finish(spec, variant, frozen.function(), digest, frozen.note)
-    if fresh:  # only graphs that passed _finish's checks are cached
+        frozen = build()
+    loaded = _finish(spec, variant, frozen.function(), frozen.weights_sha256,
+                     frozen.note)
+    if fresh:
         _write_graph(cache, frozen)
     return loaded
 
@@ -388,9 +393,7 @@ def cached_metadata(spec: ModelSpec, paths: Optional[list[str]] = None
         return None
     if digest is not None and weights != digest:
         return None
-    return {"model": spec.variant, "model_source": spec.source,
-            "model_handle": spec.describe(), "weights_sha256": weights,
-            "heads": note, "feature_dim": variant.feature_dim}
+    return _metadata(spec, weights, note, variant.feature_dim)
 
 
 def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
