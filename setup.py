@@ -52,7 +52,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pipeline", "pipeline.*", "transforms",
                                     "transforms.*", "schemas", "schemas.*"]),
-    package_data={"pipeline": ["data/*.txt", "data/*.csv"]},
+    package_data={"transforms.model": ["data/*.txt"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -36,7 +36,7 @@ def _protocol_stream():
 
 
 def _product_spec(config: dict):
-    from pipeline.model.loading import ModelSpec
+    from transforms.model.loading import ModelSpec
     if config["source"] == "shared":
         return ModelSpec(variant=config["variant"], source="saved_model",
                          handle=config["shared_model"])
@@ -55,7 +55,7 @@ def _uint8_wrapper(float_fn, size: int, jit: bool = False):
 
 
 def _keras_model(config: dict):
-    from pipeline.model import architecture, catalog
+    from transforms.model import architecture, catalog
     if config["source"] != "random":
         raise ValueError(f"form {config['form']} needs the random source")
     return architecture.build_random_model(
@@ -71,7 +71,7 @@ def _shared_classification(config: dict, frozen: bool):
     """The classification SavedModel alone (as published, or frozen)."""
     import tensorflow as tf
 
-    from pipeline.model import fusion
+    from transforms.model import fusion
     model = tf.saved_model.load(os.path.join(config["shared_model"],
                                              "classification"))
     size = config["size"]
@@ -88,10 +88,10 @@ def build(config: dict):
 
     form, size = config["form"], config["size"]
     if form in ("product", "bf16"):
-        from pipeline.model.loading import load_model
+        from transforms.model.loading import load_model
         return load_model(_product_spec(config)).predict_fn
     if form == "xla" and config["source"] == "shared":
-        from pipeline.model.loading import load_model
+        from transforms.model.loading import load_model
         inner = load_model(_product_spec(config)).predict_fn
         return tf.function(lambda p: inner(p), jit_compile=True, autograph=False)
     if form in ("logits_only", "logits_only_frozen") and config["source"] == "shared":
@@ -104,7 +104,7 @@ def build(config: dict):
         return _uint8_wrapper(lambda x: model(x, training=False), size,
                               jit=form == "xla")
     if form == "frozen":
-        from pipeline.model import fusion
+        from transforms.model import fusion
         inner = tf.function(lambda x: model(x, training=False),
                             input_signature=[_float_signature(size)])
         frozen = fusion.freeze(inner.get_concrete_function())
@@ -115,7 +115,7 @@ def build(config: dict):
         call = tf.function(lambda x: logits_model(x, training=False),
                            input_signature=[_float_signature(size)])
         if form == "logits_only_frozen":
-            from pipeline.model import fusion
+            from transforms.model import fusion
             call = fusion.freeze(call.get_concrete_function())
         return _uint8_wrapper(lambda x: call(x), size)
     raise ValueError(f"unknown form {form!r}; use one of {FORMS}")

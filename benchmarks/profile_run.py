@@ -29,7 +29,7 @@ _PHASES = (
 )
 # Stages inside the run, decided by the innermost frame that matches.
 _STAGES = (
-    ("inference (TensorFlow)", "pipeline/model/loading.py", "predict"),
+    ("inference (TensorFlow)", "transforms/model/loading.py", "predict"),
     ("inference (TensorFlow)", "tensorflow/", None),
     ("top-5 and result rows", "transforms/inference.py", "top_k"),
     ("top-5 and result rows", "transforms/inference.py", "_result"),

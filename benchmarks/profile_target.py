@@ -16,7 +16,7 @@ import sys
 def main(argv: list[str]) -> int:
     out_path, job_args = argv[0], argv[1:]
     from pipeline.cli import main as cli_main
-    from pipeline.model.loading import LoadedModel
+    from transforms.model.loading import LoadedModel
 
     sizes: collections.Counter = collections.Counter()
     predict = LoadedModel.predict

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.env import ROOT, Stopwatch
-from pipeline.model import catalog
+from transforms.model import catalog
 
 
 # A timing during which other processes kept more than this many cores busy

@@ -55,14 +55,14 @@ def _drop_known_noise(record: logging.LogRecord) -> bool:
 
 
 def _models(argv: list[str]) -> int:
-    from pipeline.model import catalog
+    from transforms.model import catalog
     argparse.ArgumentParser(prog="mobilenet-embed models").parse_args(argv)
     print(catalog.format_table())
     return 0
 
 
 def _schema(argv: list[str]) -> int:
-    from pipeline.model import catalog
+    from transforms.model import catalog
     from schemas import ERRORS_SCHEMA, embeddings_schema
     parser = argparse.ArgumentParser(prog="mobilenet-embed schema")
     parser.add_argument("--model", default=catalog.DEFAULT_MODEL)
@@ -146,11 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _setup_logging()
-    from pipeline.gcs_auth import use_anonymous_gcs_if_emulated
+    from transforms.gcs_auth import use_anonymous_gcs_if_emulated
     use_anonymous_gcs_if_emulated()  # no credential search against an emulator
     from pipeline.job import JobError
-    from pipeline.model.catalog import UnknownModelError
-    from pipeline.model.loading import ModelUnavailableError
+    from transforms.model.catalog import UnknownModelError
+    from transforms.model.loading import ModelUnavailableError
     try:
         return COMMANDS[command](argv)
     except (JobError, ModelUnavailableError, UnknownModelError) as e:

@@ -27,15 +27,15 @@ from apache_beam.options.pipeline_options import (DirectOptions,
                                                   StandardOptions)
 
 import pipeline
-from pipeline.model import catalog
-from pipeline.model.labels import LABEL_SET, imagenet_labels
-from pipeline.model.loading import (LoadedModel, ModelSpec, cached_metadata,
+from transforms.model import catalog
+from transforms.model.labels import LABEL_SET, imagenet_labels
+from transforms.model.loading import (LoadedModel, ModelSpec, cached_metadata,
                                     load_model, resolve_model)
 from pipeline.options import EmbedOptions
 from schemas import SCHEMA_VERSION
 from transforms import listing
-from transforms.decode import (DecodeLimits, PreprocessSettings,
-                               ReadDecodeResize, redact)
+from transforms.decode import DecodeLimits, PreprocessSettings, ReadDecodeResize
+from transforms.uris import redact
 from transforms.inference import (Embed, MobileNetV2Handler, configure_tensorflow,
                                   default_max_batch_size)
 from transforms.report import CountProgress, ProgressMonitor, Summarize

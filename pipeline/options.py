@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.model import catalog
-from pipeline.model.loading import SOURCES
+from transforms.model import catalog
+from transforms.model.loading import SOURCES
 
 
 def _positive_fraction(value: str) -> float:

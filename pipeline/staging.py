@@ -13,8 +13,8 @@ import logging
 import os
 import socket
 
-from pipeline.model import catalog
-from pipeline.model.loading import ModelSpec, _resolve_hub
+from transforms.model import catalog
+from transforms.model.loading import ModelSpec, _resolve_hub
 
 LOG = logging.getLogger(__name__)
 

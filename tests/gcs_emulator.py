@@ -181,7 +181,7 @@ def emulator_env(endpoint: str) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def gcs_emulator(tmp_path_factory):
     """A running emulator with STORAGE_EMULATOR_HOST pointing at it."""
-    from pipeline.gcs_auth import use_anonymous_gcs_if_emulated
+    from transforms.gcs_auth import use_anonymous_gcs_if_emulated
     server = GcsEmulator(tmp_path_factory.mktemp("gcs_emulator"))
     server.start()
     try:

@@ -30,7 +30,7 @@ from pipeline.cli import _dry_run_flag
 
 DOC = ROOT / "README.md"
 PACKAGES = ("pipeline", "transforms", "schemas")
-DATA_FILES = ("pipeline/data/imagenet_labels_1001.txt",)
+DATA_FILES = ("transforms/model/data/imagenet_labels_1001.txt",)
 BRIEF_COMMAND = (
     "--runner DataflowRunner --dry_run --no_auth --project my-project "
     "--region us-central1 --temp_location gs://bucket/tmp --setup_file ./setup.py "
@@ -218,7 +218,7 @@ def test_sdist_holds_every_module_and_data_file_workers_need(sdist):
     modules = {p.relative_to(ROOT).as_posix() for package in PACKAGES
                for p in (ROOT / package).rglob("*.py")
                if "__pycache__" not in p.parts}
-    assert "pipeline/model/loading.py" in modules
+    assert "transforms/model/loading.py" in modules
     missing = sorted(modules - set(members))
     assert not missing, f"modules the workers would lack: {missing}"
     for name in (*DATA_FILES, "setup.py", "README.md", "constraints.txt",
@@ -226,7 +226,7 @@ def test_sdist_holds_every_module_and_data_file_workers_need(sdist):
         assert name in members, name
     for name in (*DATA_FILES, "setup.py"):
         assert members[name] == (ROOT / name).read_bytes(), name
-    labels = members["pipeline/data/imagenet_labels_1001.txt"].decode().splitlines()
+    labels = members["transforms/model/data/imagenet_labels_1001.txt"].decode().splitlines()
     assert len(labels) == 1001 and labels[0] == "background"
 
 
@@ -287,7 +287,7 @@ def test_sdist_installs_and_resolves_offline_against_the_constraints(
     assert r.returncode == 0, r.stdout + r.stderr
     probe = ("import pipeline, pipeline.job, pipeline.staging, pipeline.show, "
              "schemas, transforms.inference, transforms.report\n"
-             "from pipeline.model.labels import imagenet_labels\n"
+             "from transforms.model.labels import imagenet_labels\n"
              "assert len(imagenet_labels()) == 1001\n"
              "print(pipeline.__file__)")
     env = dict(os.environ, PYTHONPATH=str(target), TF_CPP_MIN_LOG_LEVEL="3")

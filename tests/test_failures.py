@@ -137,7 +137,7 @@ def test_exif_rotated_file_embeds_like_its_upright_twin(corpus_run):
 # --- one guilty image in a failing batch ---------------------------------------------
 
 def test_a_failing_batch_is_retried_image_by_image():
-    from pipeline.model.loading import ModelSpec, load_model
+    from transforms.model.loading import ModelSpec, load_model
     from schemas import DecodedImage, Embedding, FailedImage
     from transforms.inference import MobileNetV2Handler
 
@@ -319,10 +319,10 @@ def test_hostile_ids_cannot_write_outside_the_output(tmp_path, twelve_photos):
 
 def test_credentials_in_uris_never_reach_logs_or_outputs(tmp_path, twelve_photos, capfd):
     secret = "s3cr3tT0ken"
-    signed = twelve_photos / f"signed.png?X-Goog-Signature={secret}"
-    shutil.copy(twelve_photos / "p01.png", signed)
     manifest = _manifest(tmp_path / "m.txt", [
-        str(signed), f"unknownfs://user:{secret}@host/img.jpg"])
+        str(twelve_photos / "p01.png"),
+        f"unknownfs://user:{secret}@host/img.jpg",
+        f"https://example.invalid/a.jpg?X-Goog-Signature={secret}&w=3"])
     out = tmp_path / "out"
     assert run_job("--manifest", manifest, "--output", out, *RANDOM_SMALL,
                    "--max_failure_rate", "1") == 0
@@ -332,7 +332,7 @@ def test_credentials_in_uris_never_reach_logs_or_outputs(tmp_path, twelve_photos
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     errors = read_errors(out).to_pylist()
-    assert [e["stage"] for e in errors] == ["read"]
+    assert [e["stage"] for e in errors] == ["read", "read"]
     assert read_embeddings(out).num_rows == 1
 
 

@@ -35,7 +35,7 @@ from jobs import matrix, read_embeddings, run_job, sample_photos, summary
 from model_fixtures import build_tf1_hub_module, seed_tfhub_cache
 from paths import SAMPLE, SHARED_MODEL
 from pipeline.cli import main
-from pipeline.model import loading
+from transforms.model import loading
 
 BUCKET = "embed-test"
 GS = f"gs://{BUCKET}"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from model_fixtures import build_tf1_hub_module, seed_tfhub_cache
-from pipeline.model import catalog
-from pipeline.model.loading import (ModelSpec, ModelUnavailableError,
+from transforms.model import catalog
+from transforms.model.loading import (ModelSpec, ModelUnavailableError,
                                     load_model)
 from paths import SHARED, needs_shared, SHARED_MODEL
 
@@ -86,7 +86,7 @@ def test_models_table_lists_every_variant():
 
 @pytest.mark.parametrize("name", sorted(catalog.VARIANTS))
 def test_random_architecture_parameter_counts_match_slim(name):
-    from pipeline.model.architecture import build_random_model, counted_parameters
+    from transforms.model.architecture import build_random_model, counted_parameters
     variant = catalog.get_variant(name)
     model = build_random_model(variant, seed=0)
     # The table gives millions to two decimals.
@@ -100,14 +100,14 @@ def test_random_weights_are_seeded():
     a = load_model(ModelSpec(variant="mobilenet_v2_035_96", source="random", seed=1))
     b = load_model(ModelSpec(variant="mobilenet_v2_035_96", source="random", seed=2))
     assert a.weights_sha256 != b.weights_sha256
-    from pipeline.model.architecture import build_random_model, weights_digest
+    from transforms.model.architecture import build_random_model, weights_digest
     again = build_random_model(catalog.get_variant("mobilenet_v2_035_96"), seed=1)
     assert weights_digest(again) == a.weights_sha256
     assert a.heads.startswith("one pass")
 
 
 def test_batches_run_on_few_shapes_and_padding_changes_no_row():
-    from pipeline.model.loading import padded_batch_sizes
+    from transforms.model.loading import padded_batch_sizes
     # Every batch up to 32 is covered exactly, on at most 7 distinct shapes.
     shapes = set()
     for n in range(1, 33):
@@ -262,7 +262,7 @@ def test_damaged_saved_model(tmp_path):
 
 
 def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch):
-    from pipeline.model import loading
+    from transforms.model import loading
     monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
     path = build_tf1_hub_module(str(tmp_path / "m"), size=96, feature_dim=1280)
     spec = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
@@ -286,7 +286,7 @@ def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch)
 def test_launcher_metadata_comes_from_the_cache_without_loading(tmp_path, monkeypatch):
     """A launcher that does not run the model reads its metadata from the
     graph cache: the same as loading it, and nothing when not cached."""
-    from pipeline.model import loading
+    from transforms.model import loading
     monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
     path = build_tf1_hub_module(str(tmp_path / "m"), size=96, feature_dim=1280)
     folder = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
@@ -310,7 +310,7 @@ def test_launcher_metadata_comes_from_the_cache_without_loading(tmp_path, monkey
 
 @needs_shared
 def test_a_model_that_fails_its_checks_is_not_cached(tmp_path, monkeypatch):
-    from pipeline.model import loading
+    from transforms.model import loading
     monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
     spec = ModelSpec(variant="mobilenet_v2_100_192", source="saved_model",
                      handle=str(SHARED_MODEL / "v1_signatures"))

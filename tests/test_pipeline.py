@@ -14,7 +14,7 @@ import pytest
 from jobs import (files_under, matrix, read_embeddings, read_errors, run_job,
                   sample_photos, summary)
 from paths import SAMPLE, SHARED_MODEL, needs_shared
-from pipeline.model import catalog
+from transforms.model import catalog
 from schemas import embeddings_schema, read_metadata
 
 

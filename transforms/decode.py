@@ -12,7 +12,6 @@ import codecs
 import hashlib
 import io
 import os
-import re
 import stat
 import threading
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from apache_beam.metrics import Metrics
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 from schemas.records import STAGES, DecodedImage, FailedImage, ImageRef
+from transforms.uris import redact, redact_text
 
 METRICS_NAMESPACE = "mobilenet_embed"
 
@@ -159,26 +159,9 @@ class ImageError(Exception):
         return f"{self.stage}/{self.error_class}: {self.message}"
 
 
-# --- credentials never reach a message --------------------------------------
-
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#]*@")
-_PARAM = re.compile(r"([?&#;])([^=&#;?]+)=([^&#;]*)")
-_SENSITIVE_KEY = re.compile(
-    r"token|sig|key|secret|pass|pwd|credential|auth|session|cookie", re.IGNORECASE)
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
-
-
-def redact(uri: str) -> str:
-    """`uri` with user:password@ and secret-looking query values replaced."""
-    uri = _USERINFO.sub(r"\1<redacted>@", uri)
-    return _PARAM.sub(
-        lambda m: f"{m[1]}{m[2]}=<redacted>" if _SENSITIVE_KEY.search(m[2]) else m[0],
-        uri)
-
-
 def _clean_message(text: str, limit: int = 500) -> str:
     """One line, bounded, with every URL in it redacted."""
-    text = _URL_IN_TEXT.sub(lambda m: redact(m[0]), " ".join(str(text).split()))
+    text = redact_text(" ".join(str(text).split()))
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 

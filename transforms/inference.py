@@ -2,7 +2,7 @@
 
 Beam's TFModelHandlerTensor loads with tf.keras.models.load_model, which reads
 neither TF-Hub modules nor legacy SavedModels under Keras 3, so this handler
-loads through `pipeline.model.loading` instead. RunInference gives the rest:
+loads through `transforms.model.loading` instead. RunInference gives the rest:
 one model per worker process shared by its threads (or one per machine with
 `large_model`), bounded batches, and its own metrics.
 
@@ -20,7 +20,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from pipeline.model.loading import LoadedModel, ModelSpec, load_model
+from transforms.model.loading import LoadedModel, ModelSpec, load_model
 from schemas import TOP_K, DecodedImage, Embedding, FailedImage
 
 LOG = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from schemas import FailedImage, ImageRef
-from transforms.decode import redact
+from transforms.uris import is_local, redact
 
 NAMESPACE = "mobilenet_embed"
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "mpo", "png", "gif", "bmp", "webp",
@@ -41,9 +41,6 @@ TO_EMBED = "images_to_embed"
 class ListingError(ValueError):
     """The inputs cannot be listed at all (reported before the job starts)."""
 
-
-def is_local(path: str) -> bool:
-    return "://" not in path
 
 
 def normalize_pattern(pattern: str) -> str:

@@ -40,15 +40,12 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas import (ERRORS_SCHEMA, NUM_CLASSES, TOP_K, Embedding, FailedImage,
                      embeddings_schema)
-from transforms.decode import redact
+from transforms.uris import is_local, redact
 
 LOG = logging.getLogger(__name__)
 NAMESPACE = "mobilenet_embed"
 EMBEDDINGS, ERRORS = "embeddings", "errors"
 
-
-def is_local(path: str) -> bool:
-    return "://" not in path
 
 
 @dataclasses.dataclass(frozen=True)

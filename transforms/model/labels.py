@@ -10,7 +10,7 @@ LABEL_SET = "imagenet_1001"
 @functools.lru_cache(maxsize=1)
 def imagenet_labels() -> tuple[str, ...]:
     """Short names (text before the first comma), as TF-Hub's ImageNetLabels.txt."""
-    text = resources.files("pipeline").joinpath(
+    text = resources.files("transforms.model").joinpath(
         "data", "imagenet_labels_1001.txt").read_text(encoding="utf-8")
     labels = tuple(line.split(",")[0].strip() for line in text.splitlines())
     if len(labels) != 1001 or labels[0] != "background":

@@ -15,7 +15,7 @@ import hashlib
 
 import numpy as np
 
-from pipeline.model.catalog import Variant
+from transforms.model.catalog import Variant
 
 
 def build_random_model(variant: Variant, seed: int = 0):

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from pipeline.model import catalog
+from transforms.model import catalog
 
 LOG = logging.getLogger(__name__)
 SOURCES = ("tfhub", "saved_model", "random")
@@ -305,7 +305,7 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
     import tensorflow as tf
 
     def build():
-        from pipeline.model import architecture, fusion
+        from transforms.model import architecture, fusion
 
         model = architecture.build_random_model(variant, spec.seed)
 
@@ -400,7 +400,7 @@ def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
                          digest: str):
     import tensorflow_hub as hub
 
-    from pipeline.model import fusion
+    from transforms.model import fusion
 
     objs = [hub.load(p) for p in paths]
     if len(objs) == 2:
@@ -459,7 +459,7 @@ def _file_digest(path: str) -> str:
 
 
 def _read_graph(path: str):
-    from pipeline.model.fusion import FrozenGraph
+    from transforms.model.fusion import FrozenGraph
     try:
         with open(path + ".json") as f:
             info = json.load(f)
