@@ -351,3 +351,19 @@ def test_the_dataset_rule_holds_after_everything(tmp_path):
         ids = _all_ids(out)
         assert len(ids) == len(set(ids))
     assert len(_all_ids(out)) == 9
+
+
+def test_a_job_that_fails_while_writing_is_one_line_and_exit_3(tmp_path, capsys,
+                                                                 caplog):
+    """The stand-in for a full or vanished disk: the folder parts go into
+    cannot be created once the run is under way."""
+    folder = tmp_path / "in"
+    _photos(folder, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "embeddings").write_text("a file where the parts' folder goes")
+    assert run_job("--input", folder, "--output", out, *RANDOM_SMALL) == 3
+    failed = [r for r in caplog.records if "the job failed" in r.getMessage()]
+    assert len(failed) == 1 and "\n" not in failed[0].getMessage()
+    assert "Traceback" not in capsys.readouterr().err
+    assert not (out / "_lock.json").exists()  # released even so
