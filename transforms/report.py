@@ -90,11 +90,14 @@ class CountProgress(beam.DoFn):
 class ProgressMonitor(threading.Thread):
     """Launcher side: one status line on stderr while the job runs."""
 
-    def __init__(self, directory: str, interval: float = 2.0, stream=None):
+    def __init__(self, directory: str, interval: float | None = None,
+                 stream=None):
         super().__init__(daemon=True, name="progress")
         self._directory = directory
-        self._interval = interval
         self._stream = stream or sys.stderr
+        # A terminal redraws one line in place; a log file gets a line
+        # every 10 s rather than a page a minute.
+        self._interval = interval or (2.0 if self._isatty() else 10.0)
         self._stop_event = threading.Event()
         self._start = time.monotonic()
 
@@ -122,14 +125,25 @@ class ProgressMonitor(threading.Thread):
                 f"{counts[ERRORS]} failed), {rate:.1f} images/s, "
                 f"{dt.timedelta(seconds=int(elapsed))} elapsed")
 
+    def _isatty(self) -> bool:
+        try:
+            return self._stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
     def run(self):
-        interactive = self._stream.isatty()
+        interactive = self._isatty()
         while not self._stop_event.wait(self._interval):
-            text = self.line()
-            self._stream.write(("\r" + text) if interactive else text + "\n")
-            self._stream.flush()
+            self._write(interactive)
+        self._write(interactive)  # the final count, however short the run
         if interactive:
             self._stream.write("\n")
+            self._stream.flush()
+
+    def _write(self, interactive: bool) -> None:
+        text = self.line()
+        self._stream.write(("\r" + text) if interactive else text + "\n")
+        self._stream.flush()
 
     def stop(self):
         self._stop_event.set()
