@@ -23,7 +23,8 @@ from corpus import CORPUS_MAX_BYTES, MISSING_FILES, encode, photo_like, raw_png
 from schemas.records import STAGES, DecodedImage, FailedImage, ImageRef
 from transforms import decode
 from transforms.decode import (DecodeLimits, ImageError, PreprocessSettings, ReadDecodeResize,
-                               decode_and_resize, read_bytes, redact)
+                               decode_and_resize, read_bytes)
+from transforms.uris import redact
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGENET = SHARED / "data" / "imagenet-sample"
@@ -436,6 +437,19 @@ def test_redact():
     # an @ in the object name is not a password
     assert redact("gs://bucket/users/bob@example.com.jpg") == "gs://bucket/users/bob@example.com.jpg"
     assert redact("/data/hash#1.jpg") == "/data/hash#1.jpg"
+
+
+def test_local_names_that_look_like_queries_stay_distinct(tmp_path):
+    # A local path has no query: "sig=1" is part of the file's name, and
+    # redacting it would make two files one image id.
+    first, second = tmp_path / "a?sig=1.jpg", tmp_path / "a?sig=2.jpg"
+    first.write_bytes(encode(photo_like(16, 16, seed=1), "JPEG"))
+    second.write_bytes(encode(photo_like(16, 16, seed=2), "JPEG"))
+    assert redact(str(first)) == str(first) and redact(str(second)) == str(second)
+    assert read_bytes(str(first), 10**6) == first.read_bytes()
+    assert read_bytes(str(second), 10**6) == second.read_bytes()
+    # with a scheme the same text is a query, and its value a secret
+    assert redact("https://x.example/a?sig=1.jpg") == "https://x.example/a?sig=<redacted>"
 
 
 # --- API details ---------------------------------------------------------------

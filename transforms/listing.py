@@ -25,7 +25,7 @@ from transforms.uris import is_local, redact
 
 NAMESPACE = "mobilenet_embed"
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "mpo", "png", "gif", "bmp", "webp",
-                      "tif", "tiff", "ppm", "pgm", "pbm")
+                      "tif", "tiff", "ppm", "pgm", "pbm", "heic", "heif", "avif")
 MANIFEST_FORMATS = ("txt", "csv", "parquet")
 _URI_COLUMNS = ("uri", "path", "url", "file")
 _ID_COLUMNS = ("image_id", "id", "key")
