@@ -25,7 +25,11 @@ INSTALL_REQUIRES = [
     "tensorflow-hub>=0.16.1,<0.17",
     "numpy>=1.26,<2.5",
     "pyarrow>=16,<26",
-    "pillow>=11.0",
+    "pillow>=12.0",  # its own AVIF plugin (libavif) in the wheels
+    "pillow-heif>=1.1,<2",  # HEIC/HEIF through libheif
+    "tifffile>=2025.1",  # TIFFs Pillow cannot read: float, planar, JPEG 2000...
+    "imagecodecs>=2025.3",  # the codecs tifffile decodes them with
+    "simplejpeg>=1.7,<2",  # libjpeg-turbo's M/8 DCT scaling for plain JPEGs
     "google-cloud-storage>=2.14",
     "psutil>=5.9",  # local runs size their worker processes by free memory
 ]

@@ -20,7 +20,10 @@ from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
+import pillow_heif
 from PIL import Image, ImageOps
+
+pillow_heif.register_heif_opener()  # lets Image.save write "HEIF"
 
 # The corpus's max_bytes: too-large.bmp is just over it, everything else under.
 CORPUS_MAX_BYTES = 256 * 1024
@@ -187,6 +190,24 @@ def _animated_gif() -> bytes:
     return encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
 
 
+def float_planar_tiff(pages: int = 2) -> bytes:
+    """What scientific software writes (like scikit-image's multipage_rgb.tif):
+    float64 RGB in [0, 1], one plane per channel, several pages. Pillow
+    cannot read it. Page p holds BLOCK_COLOURS / 255, then darkened by p."""
+    import tifffile
+    first = np.asarray(blocks_image(), dtype=np.float64) / 255
+    stack = np.stack([first / (1 + p) for p in range(pages)]).transpose(0, 3, 1, 2)
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, stack, photometric="rgb", planarconfig="separate")
+    return buf.getvalue()
+
+
+def _iso_video() -> bytes:
+    """The first box of an MP4: an ISO media file that is no still image."""
+    return (struct.pack(">I", 24) + b"ftypisom" + struct.pack(">I", 512)
+            + b"isomiso2" + struct.pack(">I", 8) + b"free")
+
+
 def _html_page() -> bytes:
     return (b"<!DOCTYPE html>\n<html><head><title>403 Forbidden</title></head>\n"
             b"<body><h1>Forbidden</h1><p>You don't have permission to access "
@@ -214,6 +235,7 @@ def make_corpus(directory: Path) -> dict[str, Expected]:
     cmyk = Image.new("RGB", (32, 32), CMYK_SOURCE_RGB).convert("CMYK")
     jpeg = encode(photo_like(128, 96, seed=4), "JPEG", quality=90)
     webp = encode(photo, "WEBP", quality=80)
+    heic = encode(photo, "HEIF", quality=80)  # pillow-heif's writer (x265)
     too_large = Image.fromarray(
         np.random.default_rng(5).integers(0, 256, (300, 300, 3), dtype=np.uint8))
 
@@ -240,6 +262,12 @@ def make_corpus(directory: Path) -> dict[str, Expected]:
         "blocks.bmp": (encode(blocks_image(), "BMP"), ok(32, 16)),
         "blocks.tif": (encode(blocks_image(), "TIFF", compression="tiff_deflate"), ok(32, 16)),
         "blocks.ppm": (encode(blocks_image(), "PPM"), ok(32, 16)),
+        # phones' formats and what scanners and microscopes write
+        "photo.heic": (heic, ok(96, 64)),
+        "photo.avif": (encode(photo, "AVIF", quality=80), ok(96, 64)),
+        "blocks-zstd.tif": (encode(blocks_image(), "TIFF", compression="tiff_zstd"),
+                            ok(32, 16)),
+        "float-planar-pages.tif": (float_planar_tiff(), ok(32, 16)),
         "upright.jpg": (encode(upright, "JPEG", quality=95), ok(64, 48)),
         "exif-orientation-3.jpg": (rotated_jpeg(upright, 3), ok(64, 48)),
         "exif-orientation-6.jpg": (rotated_jpeg(upright, 6), ok(64, 48)),
@@ -253,6 +281,10 @@ def make_corpus(directory: Path) -> dict[str, Expected]:
         "truncated-header.png": (encode(photo, "PNG")[:20], failed("decode", "TruncatedImage")),
         # libwebp only says "could not create decoder object"; the RIFF size tells
         "truncated.webp": (webp[: len(webp) * 6 // 10], failed("decode", "TruncatedImage")),
+        "truncated.heic": (heic[: len(heic) * 6 // 10], failed("decode", "TruncatedImage")),
+        "truncated-float.tif": (float_planar_tiff(pages=1)[:-200],
+                                failed("decode", "TruncatedImage")),
+        "video.jpg": (_iso_video(), failed("decode", "UnrecognizedFormat")),
         "random-bytes.jpg": (np.random.default_rng(6).bytes(4096),
                              failed("decode", "UnrecognizedFormat")),
         "error-page.jpg": (_html_page(), failed("decode", "UnrecognizedFormat")),

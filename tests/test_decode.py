@@ -7,7 +7,6 @@ import hashlib
 import json
 import pickle
 import resource
-import time
 import warnings
 from pathlib import Path
 
@@ -19,11 +18,13 @@ from apache_beam.testing.util import assert_that, equal_to
 from PIL import Image, ImageOps, JpegImagePlugin
 
 import corpus
+from paths import needs_shared
 from corpus import CORPUS_MAX_BYTES, MISSING_FILES, encode, photo_like, raw_png
 from schemas.records import STAGES, DecodedImage, FailedImage, ImageRef
 from transforms import decode
 from transforms.decode import (DecodeLimits, ImageError, PreprocessSettings, ReadDecodeResize,
-                               decode_and_resize, read_bytes, redact)
+                               decode_and_resize, read_bytes)
+from transforms.uris import redact
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 IMAGENET = SHARED / "data" / "imagenet-sample"
@@ -83,10 +84,8 @@ def test_every_corpus_file_has_its_expected_outcome(corpus_dir, resize_mode):
     assert wrong == []
 
 
-def test_corpus_is_small_and_quick(tmp_path):
-    start = time.perf_counter()
+def test_corpus_is_small(tmp_path):
     corpus.make_corpus(tmp_path)
-    assert time.perf_counter() - start < 5
     assert sum(p.stat().st_size for p in tmp_path.iterdir()) < 2 * 1024 * 1024
 
 
@@ -123,26 +122,23 @@ def test_damaged_files_only_ever_raise_image_error(corpus_dir):
             for _ in range(int(rng.integers(1, 6))):
                 data[int(rng.integers(len(data)))] = int(rng.integers(256))
             data = bytes(data[: int(rng.integers(len(data) // 2, len(data) + 1))])
-            start = time.perf_counter()
-            try:
+            try:  # a hang fails the test through pytest-timeout
                 pixels, _, _ = decode_and_resize(data, settings, LIMITS)
                 assert pixels.shape == (16, 16, 3), name
             except ImageError as e:
                 assert e.stage in ("decode", "preprocess") and e.error_class, name
-            assert time.perf_counter() - start < 1, name
 
 
 # --- decompression bombs -----------------------------------------------------
 
-def test_bombs_are_refused_from_the_header_quickly(corpus_dir):
+def test_bombs_are_refused_from_the_header(corpus_dir):
     directory, _ = corpus_dir
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     for name in ("bomb.png", "bomb.jpg"):  # 1.6 and 3.6 gigapixels declared
         data = (directory / name).read_bytes()
-        start = time.perf_counter()
         e = error_of(decode_and_resize, data, PreprocessSettings(224, 224), DecodeLimits())
-        assert time.perf_counter() - start < 0.5, name
         assert (e.stage, e.error_class) == ("decode", "DecompressionBomb"), name
+    # Decoding either would take gigabytes: refused before any pixel.
     grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     assert grown_mib < 100
 
@@ -321,7 +317,7 @@ def large_jpeg() -> bytes:
 
 @pytest.mark.parametrize("resize_mode", ["stretch", "center_crop"])
 def test_draft_stays_within_tolerance_on_a_large_jpeg(large_jpeg, draft_calls, resize_mode):
-    settings = PreprocessSettings(224, 224, resize_mode=resize_mode)
+    settings = PreprocessSettings(224, 224, resize_mode=resize_mode, jpeg_decoder="pillow")
     mean, worst = compare_draft(large_jpeg, settings)
     # 2600 / 4 = 650 >= 2 * 224 but 2600 / 8 = 325 is not: a 1/4 decode
     assert draft_calls == [("RGB", (875, 650), "RGB")]
@@ -330,7 +326,7 @@ def test_draft_stays_within_tolerance_on_a_large_jpeg(large_jpeg, draft_calls, r
 
 def test_draft_is_skipped_when_the_image_is_not_large_enough(draft_calls):
     data = encode(textured(600, 440, seed=12), "JPEG", quality=90)
-    mean, worst = compare_draft(data, PreprocessSettings(224, 224))
+    mean, worst = compare_draft(data, PreprocessSettings(224, 224, jpeg_decoder="pillow"))
     assert draft_calls == [] and (mean, worst) == (0.0, 0)
 
 
@@ -352,7 +348,7 @@ def test_draft_respects_exif_orientation(draft_calls):
 @pytest.mark.parametrize("mode", ["CMYK", "L"])
 def test_draft_keeps_cmyk_and_grayscale_modes(draft_calls, mode):
     data = encode(textured(1600, 1200, seed=14).convert(mode), "JPEG", quality=90)
-    mean, worst = compare_draft(data, PreprocessSettings(128, 128))
+    mean, worst = compare_draft(data, PreprocessSettings(128, 128, jpeg_decoder="pillow"))
     assert draft_calls[0][0] == draft_calls[0][2] == mode
     assert draft_calls[0][1] == (400, 300)
     assert mean <= DRAFT_TOLERANCE, (mean, worst)
@@ -362,7 +358,7 @@ def test_draft_keeps_cmyk_and_grayscale_modes(draft_calls, mode):
 def test_draft_on_real_photos(tmp_path, draft_calls):
     photos = sorted(IMAGENET.glob("*.JPEG"))[:40:10]
     assert photos, f"no *.JPEG in {IMAGENET}"
-    settings = PreprocessSettings(224, 224)
+    settings = PreprocessSettings(224, 224, jpeg_decoder="pillow")
     for photo in photos:
         small = photo.read_bytes()
         assert compare_draft(small, settings) == (0.0, 0)  # about 500x375: no draft
@@ -374,6 +370,101 @@ def test_draft_on_real_photos(tmp_path, draft_calls):
         mean, worst = compare_draft(encode(big, "JPEG", quality=90), settings)
         assert mean <= DRAFT_TOLERANCE, (photo.name, mean, worst)
     assert len(draft_calls) == len(photos)
+
+
+# --- libjpeg-turbo (simplejpeg) for plain JPEGs ------------------------------------
+
+TURBO, PILLOW = PreprocessSettings(1, 1), PreprocessSettings(1, 1, jpeg_decoder="pillow")
+# Mean abs levels between the two JPEG paths; measured on the ImageNet sample
+# (benchmarks/decode_speed.py): 0.28 at 224, 1.47 at 96, the worst photo 4.1.
+TURBO_TOLERANCE = {224: 0.6, 96: 2.0}
+TURBO_WORST_PHOTO = 6.0
+
+
+def at(settings: PreprocessSettings, size: int, **kw) -> PreprocessSettings:
+    return dataclasses.replace(settings, height=size, width=size, **kw)
+
+
+@pytest.fixture
+def turbo_calls(monkeypatch):
+    """(min_width, min_height) of each simplejpeg decode, and what it gave."""
+    calls = []
+    real = decode.simplejpeg.decode_jpeg
+
+    def spy(data, **kw):
+        result = real(data, **kw)
+        calls.append(((kw["min_width"], kw["min_height"]), result.shape))
+        return result
+    monkeypatch.setattr(decode.simplejpeg, "decode_jpeg", spy)
+    return calls
+
+
+def test_settings_choose_the_jpeg_decoder():
+    assert PreprocessSettings(8, 8).jpeg_decoder == "simplejpeg"
+    assert "simplejpeg" in PreprocessSettings(8, 8).to_metadata()["jpeg_decoder"]
+    assert PreprocessSettings(8, 8, jpeg_decoder="pillow").to_metadata()["jpeg_decoder"] == \
+        "pillow"
+    with pytest.raises(ValueError, match="jpeg_decoder"):
+        PreprocessSettings(8, 8, jpeg_decoder="opencv")
+
+
+@pytest.mark.parametrize("size", [224, 96])
+@pytest.mark.parametrize("resize_mode", ["stretch", "center_crop"])
+def test_turbo_stays_close_to_pillow_on_a_generated_photo(turbo_calls, size, resize_mode):
+    data = encode(textured(1600, 1200, seed=21), "JPEG", quality=90)
+    fast, *fast_size = decode_and_resize(data, at(TURBO, size, resize_mode=resize_mode), LIMITS)
+    slow, *slow_size = decode_and_resize(data, at(PILLOW, size, resize_mode=resize_mode),
+                                         LIMITS)
+    assert fast_size == slow_size == [1600, 1200]
+    assert len(turbo_calls) == 1
+    (min_w, min_h), shape = turbo_calls[0]
+    # the smallest M/8 scale leaving 1.5 source pixels per output pixel
+    assert shape[0] >= min_h and shape[1] >= min_w and shape[0] < 1200
+    assert mean_abs_diff(fast, slow) <= TURBO_TOLERANCE[size]
+
+
+@needs_shared
+@pytest.mark.parametrize("size", [224, 96])
+def test_turbo_stays_close_to_pillow_on_real_photos(size):
+    diffs = []
+    for photo in sorted(IMAGENET.glob("*.JPEG"))[::5]:
+        data = photo.read_bytes()
+        fast = decode_and_resize(data, at(TURBO, size), LIMITS)[0]
+        slow = decode_and_resize(data, at(PILLOW, size), LIMITS)[0]
+        diffs.append(mean_abs_diff(fast, slow))
+    assert np.mean(diffs) <= TURBO_TOLERANCE[size], np.mean(diffs)
+    assert max(diffs) <= TURBO_WORST_PHOTO, max(diffs)
+
+
+def test_turbo_leaves_other_images_to_pillow(corpus_dir, turbo_calls):
+    directory, _ = corpus_dir
+    settings = at(TURBO, 16)
+    for name in ("exif-orientation-6.jpg", "cmyk.jpg", "stereo.mpo", "good.png"):
+        fast = decode_file(directory / name, settings)[0]
+        assert np.array_equal(fast, decode_file(directory / name, at(PILLOW, 16))[0]), name
+    assert turbo_calls == []
+    for name in ("good.jpg", "gray.jpg", "progressive.jpg"):
+        decode_file(directory / name, settings)
+    assert len(turbo_calls) == 3
+    decode_file(directory / "good.jpg", dataclasses.replace(settings, reduced_jpeg_decode=False))
+    assert len(turbo_calls) == 3  # a full decode is Pillow's
+
+
+def test_turbo_gives_damaged_jpegs_to_pillow():
+    # Junk between markers, damaged scan data: libjpeg-turbo warns ("Corrupt
+    # JPEG data"), simplejpeg raises on the warning, and Pillow, which decodes
+    # such files, decides. A file cut short still fails as truncated.
+    data = encode(photo_like(64, 48, seed=22), "JPEG", quality=90)
+    flipped = bytearray(data)
+    sos = data.index(b"\xff\xda")
+    flipped[sos + 40] ^= 0x55
+    for damaged in (data[:20] + b"\x00\x00" + data[20:], bytes(flipped)):
+        with pytest.raises(ValueError, match="Corrupt JPEG data"):
+            decode.simplejpeg.decode_jpeg(damaged, strict=True)
+        fast = decode_and_resize(damaged, at(TURBO, 32), LIMITS)[0]
+        assert np.array_equal(fast, decode_and_resize(damaged, at(PILLOW, 32), LIMITS)[0])
+    e = error_of(decode_and_resize, data[: len(data) * 2 // 3], at(TURBO, 32), LIMITS)
+    assert e.error_class == "TruncatedImage"
 
 
 # --- read_bytes --------------------------------------------------------------
@@ -436,6 +527,19 @@ def test_redact():
     # an @ in the object name is not a password
     assert redact("gs://bucket/users/bob@example.com.jpg") == "gs://bucket/users/bob@example.com.jpg"
     assert redact("/data/hash#1.jpg") == "/data/hash#1.jpg"
+
+
+def test_local_names_that_look_like_queries_stay_distinct(tmp_path):
+    # A local path has no query: "sig=1" is part of the file's name, and
+    # redacting it would make two files one image id.
+    first, second = tmp_path / "a?sig=1.jpg", tmp_path / "a?sig=2.jpg"
+    first.write_bytes(encode(photo_like(16, 16, seed=1), "JPEG"))
+    second.write_bytes(encode(photo_like(16, 16, seed=2), "JPEG"))
+    assert redact(str(first)) == str(first) and redact(str(second)) == str(second)
+    assert read_bytes(str(first), 10**6) == first.read_bytes()
+    assert read_bytes(str(second), 10**6) == second.read_bytes()
+    # with a scheme the same text is a query, and its value a secret
+    assert redact("https://x.example/a?sig=1.jpg") == "https://x.example/a?sig=<redacted>"
 
 
 # --- API details ---------------------------------------------------------------

@@ -14,12 +14,17 @@ Counts leave on the "stats" output as (name, n) pairs for the run summary.
 from __future__ import annotations
 
 import csv
+import errno
+import functools
 import io
 import os
 import posixpath
-from typing import Iterable, Optional
+import re
+import stat
+from typing import Iterable, Iterator, Optional, Union
 
 import apache_beam as beam
+from apache_beam.io.filesystem import FileMetadata, FileSystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -28,7 +33,7 @@ from transforms.dataset import EMBEDDINGS, ERRORS
 from transforms.uris import is_local, redact
 
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "mpo", "png", "gif", "bmp", "webp",
-                      "tif", "tiff", "ppm", "pgm", "pbm")
+                      "tif", "tiff", "ppm", "pgm", "pbm", "heic", "heif", "avif")
 _URI_COLUMNS = ("uri", "path", "url", "file")
 _ID_COLUMNS = ("image_id", "id", "key")
 
@@ -77,7 +82,11 @@ def check_inputs(patterns: list[str], manifest: Optional[str]) -> None:
         raise ListingError("nothing to embed: pass --input and/or --manifest")
     for pattern in patterns:
         try:
-            found = FileSystems.match([pattern], limits=[1])[0].metadata_list
+            if is_local(pattern):  # the same walk the job does: through links
+                found = next((m for m in _match_local(pattern)
+                              if isinstance(m, FileMetadata)), None)
+            else:
+                found = FileSystems.match([pattern], limits=[1])[0].metadata_list
         except Exception as e:
             raise ListingError(f"cannot list --input {redact(pattern)}: "
                                f"{type(e).__name__}") from e
@@ -85,12 +94,160 @@ def check_inputs(patterns: list[str], manifest: Optional[str]) -> None:
             raise ListingError(f"--input {redact(pattern)} matched no files")
     if manifest:
         manifest_format(manifest)
+        shown = redact(manifest)
         if not FileSystems.exists(manifest):
-            raise ListingError(f"--manifest {redact(manifest)} does not exist")
+            raise ListingError(f"--manifest {shown} does not exist")
+        if is_local(manifest) and os.path.isdir(manifest):
+            raise ListingError(f"--manifest {shown} is a folder; give a file listing "
+                               "the images (for a folder of images, use --input)")
+        found = FileSystems.match([manifest])[0].metadata_list
+        if found and found[0].size_in_bytes == 0:
+            raise ListingError(f"--manifest {shown} is empty (0 bytes)")
         with FileSystems.open(manifest) as f:
             for _ in _read_manifest(f, manifest):
                 return
-        raise ListingError(f"--manifest {redact(manifest)} lists no images")
+        raise ListingError(f"--manifest {shown} lists no images")
+
+
+# --- local globs --------------------------------------------------------------
+
+def _match_local(pattern: str) -> Iterator[Union[FileMetadata, tuple[FailedImage, bool]]]:
+    """Beam's glob rules (`*` within a folder, `**` across folders, the
+    regex of FileSystem.translate_pattern), over a walk that follows
+    symbolic links, where Beam's os.walk does not: a linked folder is
+    listed, a link that points nowhere or round in a circle is a
+    FailedImage, and so is a folder that cannot be read. Beam drops all
+    three without a count. Failures come as (FailedImage, whether it is a
+    link that may have named a file rather than a folder).
+
+    A linked folder is not entered when it is one of its own ancestors
+    (the walk would never end); everything else is followed, so a folder
+    reached through two links is listed under both paths.
+    """
+    regex = re.compile(FileSystem.translate_pattern(pattern))
+    prefix = re.match(r"^[^[*?]*", pattern).group(0)
+    if prefix == pattern:  # no glob: one path
+        entry = _local_entry(pattern, regex)
+        if entry is not None:
+            yield entry
+        return
+    root = prefix if prefix.endswith("/") else os.path.dirname(prefix) or "/"
+    root = root.rstrip("/") or "/"
+    try:
+        root_stat = os.stat(root)
+    except OSError:
+        return  # nothing there: check_inputs says "matched no files"
+    if not stat.S_ISDIR(root_stat.st_mode):
+        return
+    parts = pattern.split("/")
+    stack = [(root, frozenset([(root_stat.st_dev, root_stat.st_ino)]))]
+    while stack:
+        folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            if folder != root or not isinstance(e, FileNotFoundError):
+                yield _list_failure(folder, e, "folder"), False
+            continue
+        subfolders = []
+        for entry in entries:
+            path = os.path.join(folder, entry.name)
+            try:
+                st = entry.stat()  # follows links
+            except OSError as e:
+                if entry.is_symlink() and regex.match(path):
+                    yield _list_failure(path, e, "symbolic link"), True
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                if not _may_contain_matches(parts, path):
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in ancestors:
+                    yield FailedImage(path, path, "list", "SymlinkLoop",
+                                      f"{path} links back to {os.path.realpath(path)}, "
+                                      "a folder that contains it; not followed"), False
+                    continue
+                subfolders.append((path, ancestors | {key}))
+            elif stat.S_ISREG(st.st_mode) and regex.match(path):
+                yield FileMetadata(path, st.st_size, st.st_mtime)
+        stack.extend(reversed(subfolders))
+
+
+def _local_entry(path: str, regex) -> Optional[Union[FileMetadata, tuple[FailedImage, bool]]]:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return (_list_failure(path, e, "symbolic link"), True) if os.path.islink(path) else None
+    if stat.S_ISREG(st.st_mode) and regex.match(path):
+        return FileMetadata(path, st.st_size, st.st_mtime)
+    return None
+
+
+def _list_failure(path: str, e: OSError, what: str) -> FailedImage:
+    if e.errno == errno.ELOOP:
+        return FailedImage(path, path, "list", "SymlinkLoop",
+                           f"{path} is a {what} that leads round in a circle")
+    if isinstance(e, FileNotFoundError) and what == "symbolic link":
+        return FailedImage(path, path, "list", "BrokenSymlink",
+                           f"{path} is a symbolic link to {os.readlink(path)}, "
+                           "which does not exist")
+    if isinstance(e, PermissionError):
+        return FailedImage(path, path, "list", "PermissionDenied",
+                           f"{path}: {what}: permission denied")
+    return FailedImage(path, path, "list", "ListError",
+                       f"{path}: {what}: {e.strerror or type(e).__name__}")
+
+
+def _may_contain_matches(parts: list[str], folder: str) -> bool:
+    """Whether a path under `folder` can match the pattern split in `parts`,
+    so folders no match can lie in are not walked."""
+    names = folder.split("/")
+    for depth, name in enumerate(names):
+        part = parts[depth] if depth < len(parts) else ""
+        if "**" in part:
+            return True
+        if depth >= len(parts) - 1:  # the pattern's last part names files
+            return False
+        if not _part_regex(part).match(name):
+            return False
+    return True
+
+
+def _extension(path: str) -> str:
+    name = path.rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+@functools.lru_cache(maxsize=256)
+def _part_regex(part: str):
+    return re.compile(FileSystem.translate_pattern(part))
+
+
+class _MatchPatterns(beam.DoFn):
+    """pattern -> FileMetadata per file; local patterns through
+    _match_local, others (gs://, which has no links) through Beam. What
+    cannot be listed leaves on FAILED, counted as an entry; a broken link
+    whose name has none of the extensions is counted as not an image."""
+    def __init__(self, extensions: Optional[tuple[str, ...]]):
+        self._extensions = extensions
+
+    def process(self, pattern: str):
+        if not is_local(pattern):
+            for result in FileSystems.match([pattern]):
+                yield from result.metadata_list
+            return
+        for found in _match_local(pattern):
+            if isinstance(found, FileMetadata):
+                yield found
+                continue
+            failure, is_link = found
+            if (is_link and self._extensions is not None
+                    and _extension(failure.uri) not in self._extensions):
+                yield beam.pvalue.TaggedOutput(ListImages.STATS, (NOT_IMAGES, 1))
+                continue
+            yield beam.pvalue.TaggedOutput(ListImages.STATS, (ENTRIES, 1))
+            yield beam.pvalue.TaggedOutput(ListImages.FAILED, failure)
 
 
 def _resolve(entry: str, manifest: str) -> str:
@@ -105,14 +262,23 @@ def _resolve(entry: str, manifest: str) -> str:
 
 
 def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:
-    """(id or None, uri) per entry; blank lines and '#' comments skipped."""
+    """(id or None, uri) per entry; blank lines and '#' comments skipped.
+    A file that is no manifest at all raises ListingError (one line)."""
     fmt = manifest_format(path)
     if fmt == "parquet":
         import pyarrow.parquet as pq
-        table = pq.ParquetFile(f)
-        names = table.schema_arrow.names
+        try:
+            table = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow's ArrowInvalid, with a long text
+            raise ListingError(f"manifest {redact(path)} is not a Parquet file "
+                               f"({type(e).__name__})") from None
+        schema = table.schema_arrow
+        names = schema.names
         uri_col = _pick(names, _URI_COLUMNS, path)
         id_col = next((c for c in _ID_COLUMNS if c in names), None)
+        _check_column_type(path, uri_col, schema.field(uri_col).type, ids=False)
+        if id_col:
+            _check_column_type(path, id_col, schema.field(id_col).type, ids=True)
         columns = [uri_col] + ([id_col] if id_col else [])
         for batch in table.iter_batches(columns=columns, batch_size=65536):
             uris = batch.column(0).to_pylist()
@@ -120,10 +286,16 @@ def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:
             for image_id, uri in zip(ids, uris):
                 yield (None if image_id is None else str(image_id)), uri or ""
         return
-    # surrogateescape: a stray non-UTF-8 entry fails alone (see _ref), not the
-    # whole manifest.
-    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape",
-                            newline="")
+    head = f.read(_TEXT_CHECK_BYTES)
+    if not head:
+        raise ListingError(f"manifest {redact(path)} is empty (0 bytes)")
+    problem = _not_utf8_text(head)
+    if problem:
+        raise ListingError(f"manifest {redact(path)} is not UTF-8 text: {problem}")
+    # surrogateescape: a stray non-UTF-8 entry fails alone (see _emit), not
+    # the whole manifest.
+    text = io.TextIOWrapper(io.BufferedReader(_Prefixed(head, f)), encoding="utf-8-sig",
+                            errors="surrogateescape", newline="")
     if fmt == "txt":
         for line in text:
             line = line.strip()
@@ -137,6 +309,65 @@ def _read_manifest(f, path: str) -> Iterable[tuple[Optional[str], str]]:
     for row in reader:
         image_id = (row.get(id_col) or "").strip() if id_col else ""
         yield image_id or None, (row.get(uri_col) or "").strip()
+
+
+_TEXT_CHECK_BYTES = 64 * 1024
+_WIDE_BOMS = ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+              (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"))
+
+
+def _not_utf8_text(head: bytes) -> Optional[str]:
+    """Why the start of a text manifest is not UTF-8 text, or None. One
+    stray non-UTF-8 line is allowed (it fails alone); a file most of whose
+    lines are not UTF-8 is another encoding or no text at all."""
+    for bom, name in _WIDE_BOMS:
+        if head.startswith(bom):
+            return f"it is {name}; save it as UTF-8"
+    if b"\x00" in head:
+        return ("it holds NUL bytes: binary data, or UTF-16/UTF-32 without a "
+                "byte-order mark")
+    lines = [line for line in head.split(b"\n")[:-1] or [head] if line.strip()]
+    bad = 0
+    for line in lines:
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            bad += 1
+    if lines and bad * 2 > len(lines):
+        return (f"{bad} of its first {len(lines)} lines are not valid UTF-8 "
+                "(Latin-1 or Windows-1252?); save it as UTF-8")
+    return None
+
+
+class _Prefixed(io.RawIOBase):
+    """Bytes already read from the start of `rest`, then the rest of it."""
+    def __init__(self, head: bytes, rest):
+        self._head, self._rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            n = min(len(buffer), len(self._head))
+            buffer[:n], self._head = self._head[:n], self._head[n:]
+            return n
+        data = self._rest.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+
+def _check_column_type(path: str, column: str, arrow_type, ids: bool) -> None:
+    import pyarrow as pa
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    ok = (pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
+          or (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(arrow_type))
+          or (ids and pa.types.is_integer(arrow_type)))
+    if not ok:
+        wanted = "strings or integers" if ids else "strings (paths or URIs)"
+        raise ListingError(f"manifest {redact(path)}: column {column!r} has type "
+                           f"{arrow_type}; it must hold {wanted}")
 
 
 def _pick(names, wanted, path) -> str:
@@ -168,8 +399,7 @@ class _GlobToRefs(beam.DoFn):
 
     def process(self, metadata):
         path = metadata.path
-        ext = path.rsplit(".", 1)[-1].lower() if "." in path.rsplit("/", 1)[-1] else ""
-        if self._extensions is not None and ext not in self._extensions:
+        if self._extensions is not None and _extension(path) not in self._extensions:
             yield beam.pvalue.TaggedOutput(ListImages.STATS, (NOT_IMAGES, 1))
             return
         yield from _emit(path)
@@ -273,16 +503,17 @@ class ListImages(beam.PTransform):
         p = pbegin.pipeline
         listed, failed, stats = [], [], []
         if self._patterns:
-            from apache_beam.io import fileio
-            globbed = (p
+            matched = (p
                        | "Patterns" >> beam.Create(self._patterns)
-                       | "Match" >> fileio.MatchAll()
+                       | "Match" >> beam.ParDo(_MatchPatterns(self._extensions))
+                       .with_outputs(self.STATS, self.FAILED, main="files"))
+            globbed = (matched.files
                        | "KeepImages" >> beam.ParDo(
                            _GlobToRefs(self._extensions)).with_outputs(
                                self.STATS, self.FAILED, main="refs"))
             listed.append(globbed.refs)
-            stats.append(globbed[self.STATS])
-            failed.append(globbed[self.FAILED])
+            stats += [matched[self.STATS], globbed[self.STATS]]
+            failed += [matched[self.FAILED], globbed[self.FAILED]]
         if self._manifest:
             from_manifest = (p
                              | "Manifest" >> beam.Create([self._manifest])
