@@ -192,7 +192,8 @@ def _preprocessing(embed: EmbedOptions, variant: catalog.Variant
         settings = PreprocessSettings(
             height=variant.input_size, width=variant.input_size,
             resize_mode=embed.resize_mode, crop_fraction=embed.crop_fraction,
-            reduced_jpeg_decode=not embed.no_reduced_jpeg_decode)
+            reduced_jpeg_decode=not embed.no_reduced_jpeg_decode,
+            jpeg_decoder=embed.jpeg_decoder)
         limits = DecodeLimits(max_bytes=embed.max_bytes,
                               max_pixels=embed.max_pixels)
     except ValueError as e:

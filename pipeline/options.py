@@ -10,7 +10,7 @@ import argparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from transforms.decode import RESIZE_MODES
+from transforms.decode import JPEG_DECODERS, RESIZE_MODES
 from transforms.model import catalog
 from transforms.model.loading import SOURCES
 
@@ -124,6 +124,11 @@ class EmbedOptions(PipelineOptions):
         pre.add_argument("--crop_fraction", type=_positive_fraction,
                          default=0.875,
                          help="center_crop only: share of the image kept.")
+        pre.add_argument(
+            "--jpeg_decoder", default="simplejpeg", choices=JPEG_DECODERS,
+            help="simplejpeg: plain JPEGs through libjpeg-turbo's M/8 DCT "
+                 "scaling (faster at small sizes; the others, and damaged "
+                 "files, through Pillow); pillow: every JPEG through Pillow.")
         pre.add_argument(
             "--no_reduced_jpeg_decode", action="store_true",
             help="Always decode JPEGs at full size (slower; the default "

@@ -96,11 +96,12 @@ class DatasetMetadata:
                    project_version=str(values.get("project_version", "")))
 
     def identity(self) -> dict[str, str]:
-        """The values that decide whether rows can be mixed. The Pillow
-        version is recorded, but an upgrade should not block a resume."""
+        """The values that decide whether rows can be mixed. Library
+        versions are recorded, but an upgrade should not block a resume."""
         strings = self.to_strings()
         settings = dict(self.preprocessing)
-        settings.pop("pillow", None)
+        for recorded_only in ("pillow", "library_versions"):
+            settings.pop(recorded_only, None)
         strings["preprocessing"] = json.dumps(settings, sort_keys=True)
         return {k: strings[k] for k in self.IDENTITY}
 

@@ -278,3 +278,27 @@ def test_job_embeds_the_new_formats(tmp_path):
                        / np.linalg.norm(embeddings[name]) / np.linalg.norm(reference))
         assert cosine > 0.97, name
     assert summary(output)["counts"]["embedded"] == 6
+
+
+@pytest.mark.parametrize("photometric", ["miniswhite", "palette", "separated", "minisblack"])
+def test_tiff_colour_spaces_read_by_tifffile_match_pillows_reading(photometric):
+    """The same page, uncompressed (Pillow reads it) and LERC-compressed
+    (only tifffile does): the two readers must give the same pixels."""
+    rng = np.random.default_rng(30)
+    kw = {"photometric": photometric}
+    if photometric == "separated":
+        samples = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)  # CMYK inks
+    elif photometric == "palette":
+        samples = rng.integers(0, 4, (12, 20), dtype=np.uint8)
+        colours = np.array([[65535, 0, 0, 30000], [0, 65535, 0, 30000],
+                            [0, 0, 65535, 30000]], dtype=np.uint16)
+        kw["colormap"] = np.concatenate([colours, np.zeros((3, 252), np.uint16)], axis=1)
+    else:
+        samples = rng.integers(0, 256, (12, 20), dtype=np.uint8)
+    plain, lerc = tiff(samples, **kw), tiff(samples, compression="lerc", **kw)
+    with pytest.raises(Exception):  # the premise: Pillow cannot read LERC
+        Image.open(io.BytesIO(lerc)).load()
+    by_pillow, *size_a = decode(plain, 20, 12)
+    by_tifffile, *size_b = decode(lerc, 20, 12)
+    assert size_a == size_b == [20, 12]
+    assert np.abs(by_pillow.astype(int) - by_tifffile.astype(int)).max() <= 1

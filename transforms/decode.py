@@ -65,7 +65,8 @@ DRAFT_MARGIN = 2
 # Pillow's way. "pillow": Pillow for every JPEG (its draft, DRAFT_MARGIN).
 # Measured (benchmarks/decode_speed.py, 200 ImageNet photos, real weights at
 # 224): top-1 0.845 vs 0.840, feature cosine to Pillow's path >= 0.992 on
-# every photo; 1.36x the decode speed at 96, the same at 224.
+# every photo; 1.4x the decode speed at 96, the same at 224 (one thread's
+# CPU time, same run; the table is in benchmarks/README.md).
 JPEG_DECODERS = ("simplejpeg", "pillow")
 TURBO_MARGIN = 1.5
 

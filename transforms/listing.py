@@ -124,6 +124,8 @@ def _match_local(pattern: str) -> Iterator[Union[FileMetadata, tuple[FailedImage
     (the walk would never end); everything else is followed, so a folder
     reached through two links is listed under both paths.
     """
+    if not os.path.isabs(pattern):  # normalize_pattern's job; never walk from /
+        pattern = os.path.join(os.getcwd(), pattern)
     regex = re.compile(FileSystem.translate_pattern(pattern))
     prefix = re.match(r"^[^[*?]*", pattern).group(0)
     if prefix == pattern:  # no glob: one path
