@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "pillow>=11.0",
     "google-cloud-storage>=2.14",
     "psutil>=5.9",  # local runs size their worker processes by free memory
+    "faiss-cpu>=1.9,<2",  # mobilenet-embed index/query/dedup (pipeline/search)
 ]
 
 EXTRAS = {
