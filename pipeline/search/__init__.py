@@ -13,8 +13,17 @@ from pipeline.search.errors import SearchError
 from pipeline.search.index import (DEFAULT_MAX_MEMORY, Neighbor, SearchIndex,
                                    build_index, choose_index, parse_size)
 from pipeline.search.vectors import ArrayVectors, normalize
-from pipeline.search.api import (build_dataset_index, find_dataset_duplicates,
-                                 open_search)
+
+_DATASET_CALLS = ("build_dataset_index", "find_dataset_duplicates", "open_search")
+
+
+def __getattr__(name):
+    # The dataset-level calls import the dataset reader (and Beam) only when
+    # used: the index library alone works on any vectors.
+    if name in _DATASET_CALLS:
+        from pipeline.search import api
+        return getattr(api, name)
+    raise AttributeError(name)
 
 __all__ = ["SearchError", "SearchIndex", "Neighbor", "ArrayVectors", "normalize",
            "build_index", "choose_index", "parse_size", "DEFAULT_MAX_MEMORY",
