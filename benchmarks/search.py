@@ -11,11 +11,11 @@ itself. Results go to benchmarks/results/search-<rows>.json.
 
 The vectors: 1280 non-negative dims like MobileNetV2's pooled ReLU6
 features, drawn as a mixture. A photo's vector is
-relu(shared + topic + subtopic + noise): `shared` is one profile common to
-all (real features of unrelated photos still have cosine ~0.5-0.7 because
-every channel is non-negative), 1000 topics (the ImageNet classes) of 10
-subtopics each, each a sparse non-negative offset, and Gaussian noise per
-image. Each batch is generated from its own seed, so every pass over the
+relu(shared + topic + subtopic + noise) + styles: `shared` is one profile
+common to all, 1000 topics (the ImageNet classes) of 10 subtopics each, each
+a sparse non-negative offset, Gaussian noise per image, and 8 sparse "style"
+directions mixed in at random non-negative strengths (what makes unrelated
+photos' features correlate: every channel is non-negative). Each batch is generated from its own seed, so every pass over the
 "dataset" sees the same vectors without holding them in memory.
 `--calibrate OUT` prints the same statistics for a real dataset to compare.
 """
@@ -37,17 +37,25 @@ DIM = 1280
 
 
 class SyntheticVectors:
-    """A `VectorSource` of clustered non-negative vectors, regenerated per pass."""
+    """A `VectorSource` of clustered non-negative vectors, regenerated per pass.
+
+    relu(shared + topic + subtopic + noise) + styles: see the module doc.
+    The constants were fitted by hand to the statistics `stats` gives for the
+    200 shared ImageNet photos (docs/search.md shows both)."""
 
     def __init__(self, rows: int, dim: int = DIM, seed: int = 0, topics: int = 1000,
-                 subtopics: int = 10, batch: int = 8192):
+                 subtopics: int = 10, styles: int = 8, batch: int = 8192):
         self.rows, self.dim, self.seed, self.batch = rows, dim, seed, batch
         rng = np.random.default_rng(seed)
-        self.shared = np.abs(rng.normal(0.35, 0.25, dim)).astype(np.float32)
-        sparse = rng.random((topics, dim)) < 0.08
-        self.topics = (sparse * rng.gamma(2.0, 0.6, (topics, dim))).astype(np.float32)
-        sub = rng.random((topics * subtopics, dim)) < 0.05
-        self.subtopics = (sub * rng.gamma(2.0, 0.4, (topics * subtopics, dim))).astype(np.float32)
+        self.shared = np.maximum(rng.normal(0.05, 0.25, dim), 0).astype(np.float32)
+        self.topics = ((rng.random((topics, dim)) < 0.12)
+                       * rng.gamma(2.0, 0.7, (topics, dim))).astype(np.float32)
+        self.subtopics = ((rng.random((topics * subtopics, dim)) < 0.06)
+                          * rng.gamma(2.0, 0.5, (topics * subtopics, dim))).astype(np.float32)
+        # A few directions every image mixes in at its own strength (lighting,
+        # texture, background): what makes unrelated photos' features correlate.
+        self.styles = ((rng.random((styles, dim)) < 0.1)
+                       * rng.gamma(2.0, 0.2, (styles, dim))).astype(np.float32)
         self.subtopics_per_topic = subtopics
 
     def identity(self) -> dict:
@@ -65,8 +73,10 @@ class SyntheticVectors:
             sub = rng.integers(0, len(self.subtopics), n)
             topic = sub // self.subtopics_per_topic
             x = self.shared + self.topics[topic] + self.subtopics[sub]
-            x += rng.normal(0, 0.22, (n, self.dim)).astype(np.float32)
+            x += rng.normal(0, 0.3, (n, self.dim)).astype(np.float32)
             np.maximum(x, 0, out=x)
+            x += np.maximum(rng.normal(0, 1, (n, len(self.styles))), 0).astype(
+                np.float32) @ self.styles
             ids = [f"img{start + i:08d}" for i in range(n)]
             yield ids, [""] * n, normalize(x)
 

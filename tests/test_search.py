@@ -362,3 +362,23 @@ def test_mixed_models_and_foreign_indexes_are_refused(dataset, tmp_path, capsys)
     part = sorted((other / "embeddings").iterdir())[0]
     shutil.copy(part, mixed / "embeddings" / ("part-zz-" + part.name[5:]))
     expect_error(capsys, index_main([str(mixed)]), "mixes models")
+
+
+def test_the_duckdb_recipe_in_the_docs_agrees_with_query(dataset, capsys):
+    """docs/search.md's DuckDB query, run as written, ranks like `query --id`."""
+    duckdb = pytest.importorskip("duckdb")
+    _, out = dataset
+    ids = read_embeddings(out).column("image_id").to_pylist()
+    target = [i for i in ids if i.endswith("horse.png")][0]
+    sql = f"""
+        WITH e AS (SELECT image_id, feature_vector::FLOAT[1280] AS v
+                   FROM read_parquet('{out}/embeddings/*.parquet'))
+        SELECT e.image_id, array_cosine_similarity(e.v, q.v) AS score
+        FROM e, (SELECT v FROM e WHERE image_id = '{target}') AS q
+        WHERE e.image_id <> '{target}'
+        ORDER BY score DESC LIMIT 5"""
+    rows = duckdb.sql(sql).fetchall()
+    capsys.readouterr()
+    assert query_main([str(out), "--id", target, "--k", "5", "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)["neighbors"]
+    assert [s for _, s in rows] == pytest.approx([n["score"] for n in ours], abs=1e-4)
