@@ -22,17 +22,25 @@ import sys
 USAGE = __doc__.split("\n\n")[1]
 
 
-def _setup_logging() -> None:
-    # Before TensorFlow loads: quieter C++ logs, and oneDNN (see
-    # transforms.inference.tensorflow_environment) unless the user chose.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def _setup_logging(verbose: bool) -> None:
+    # Before TensorFlow loads (here and, through the environment, in worker
+    # processes): its C++ start-up lines (CUDA probing, oneDNN notices) are
+    # noise unless asked for; errors still surface as Python exceptions.
+    # oneDNN (see transforms.inference.tensorflow_environment) stays on
+    # unless the user chose.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if verbose else "3")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    if not verbose:
+        from pipeline.console import hide_native_noise
+        hide_native_noise()  # before logging binds sys.stderr
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "tensorflow", "absl", "urllib3", "google",
                   "h5py", "keras"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).setLevel(logging.INFO if verbose
+                                          else logging.ERROR)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_drop_known_noise)
     logging.getLogger("tensorflow").addFilter(_drop_known_noise)
@@ -145,15 +153,17 @@ def main(argv: list[str] | None = None) -> int:
                          "--direct_running_mode, ...) pass through to Beam.")
         parser.print_help()
         return 0
-    _setup_logging()
+    _setup_logging("--verbose" in argv)
     from transforms.gcs_auth import use_anonymous_gcs_if_emulated
     use_anonymous_gcs_if_emulated()  # no credential search against an emulator
     from pipeline.job import JobError
+    from transforms.dataset import DatasetError
     from transforms.model.catalog import UnknownModelError
     from transforms.model.loading import ModelUnavailableError
     try:
         return COMMANDS[command](argv)
-    except (JobError, ModelUnavailableError, UnknownModelError) as e:
+    except (JobError, DatasetError, ModelUnavailableError,
+            UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

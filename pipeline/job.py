@@ -3,17 +3,19 @@ graph, run it, report.
 
   list -> read+decode+resize -> RunInference -> write Parquet -> summarize
 
-Checks before any image is read: the model loads (and gives the weights
-digest the workers must match), the output is not one made with another
-model or preprocessing, the inputs list at least one file.
+Checks before any image is read: the options parse and are in range, the
+model loads (and gives the weights digest the workers must match), the
+inputs list at least one file, the output is a folder no other run is
+writing and not one made with another model or preprocessing.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
-import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,32 +24,29 @@ import uuid
 from typing import Optional
 
 import apache_beam as beam
+import psutil
 from apache_beam.options.pipeline_options import (DirectOptions,
                                                   PipelineOptions,
-                                                  StandardOptions)
+                                                  StandardOptions, TestOptions)
 
 import pipeline
-from transforms.model import catalog
-from transforms.model.labels import LABEL_SET, imagenet_labels
-from transforms.model.loading import (LoadedModel, ModelSpec, cached_metadata,
-                                    load_model, resolve_model)
 from pipeline.options import EmbedOptions
-from schemas import SCHEMA_VERSION
+from schemas import METRICS_NAMESPACE, DatasetMetadata, ModelInfo
 from transforms import listing
-from transforms.decode import DecodeLimits, PreprocessSettings, ReadDecodeResize
-from transforms.uris import redact
-from transforms.inference import (Embed, MobileNetV2Handler, configure_tensorflow,
-                                  default_max_batch_size)
-from transforms.report import CountProgress, ProgressMonitor, Summarize
-from transforms.write import (EMBEDDINGS, ERRORS, EmbeddingRows, ErrorRows,
-                              OutputLayout, WriteParquetFiles, read_json,
-                              write_json)
+from transforms.composite import EmbedImages, WriteEmbeddingDataset
+from transforms.dataset import EMBEDDINGS, ERRORS, Dataset, DatasetError
+from transforms.decode import DecodeLimits, PreprocessSettings
+from transforms.inference import configure_tensorflow, default_max_batch_size
+from transforms.model import catalog
+from transforms.model.labels import LABEL_SET
+from transforms.model.loading import (ModelSpec, cached_info, load_model,
+                                      resolve_model)
+from transforms.report import (PROGRESS_PREFIX, CountProgress,
+                               ProgressMonitor, failure_rate)
+from transforms.uris import is_local, redact
 
 LOG = logging.getLogger("mobilenet_embed")
 LOCAL_RUNNERS = ("FnApiRunner",)
-# Identity of a dataset: rows made under a different value cannot be mixed.
-_DATASET_IDENTITY = ("schema_version", "model", "weights_sha256", "feature_dim",
-                     "preprocessing")
 
 
 class JobError(Exception):
@@ -60,44 +59,52 @@ class Plan:
     options: PipelineOptions
     embed: EmbedOptions
     spec: ModelSpec
-    # The launcher's own copy: None in a --dry_run, and where only worker
-    # processes run the model and its metadata came from the graph cache.
-    model: Optional[LoadedModel]
     dry_run: bool
     settings: PreprocessSettings
     limits: DecodeLimits
-    layout: OutputLayout
-    metadata: dict
+    dataset: Dataset
+    metadata: DatasetMetadata
     patterns: list[str]
-    existing_files: list[str]
+    existing_parts: list[tuple[str, str]]
     run_id: str
     started_at: float
     progress_dir: Optional[str]
 
 
-def model_spec(embed: EmbedOptions) -> ModelSpec:
-    source = embed.model_source
-    if source is None:
-        source = "saved_model" if embed.model_handle else "tfhub"
-    if source == "random" and embed.model_handle:
-        raise JobError("--model_source random takes no --model_handle")
-    if embed.feature_vector_handle and not embed.model_handle:
-        raise JobError("--feature_vector_handle needs --model_handle")
-    try:
-        return ModelSpec(variant=embed.model, source=source,
-                         handle=embed.model_handle,
-                         feature_handle=embed.feature_vector_handle,
-                         hub_version=embed.hub_version, seed=embed.seed)
-    except ValueError as e:
-        raise JobError(str(e)) from None
+# --- the steps of planning a run ----------------------------------------------------
+
+class _OptionsParser(argparse.ArgumentParser):
+    """Every PipelineOptions view's flags, to refuse what none of them knows
+    (Beam itself only warns and drops it) and to turn a bad value into one
+    line instead of a usage page."""
+
+    def add_value_provider_argument(self, *args, **kwargs):
+        return self.add_argument(*args, **kwargs)
+
+    def error(self, message):
+        raise JobError(message)
 
 
-def _extensions(value: Optional[str]):
-    if value is None:
-        return listing.DEFAULT_EXTENSIONS
-    if value.strip() == "*":
-        return None
-    return tuple(e.strip().lstrip(".").lower() for e in value.split(",") if e.strip())
+def parse_options(argv: list[str]) -> tuple[PipelineOptions, EmbedOptions]:
+    parser = _OptionsParser(allow_abbrev=False, add_help=False)
+    views = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
+    for cls in views.values():
+        cls._add_argparse_args(parser)  # pylint: disable=protected-access
+    _, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise JobError(f"unknown option(s): {' '.join(unknown)} (see "
+                       "`mobilenet-embed run --help`; Beam's own options pass "
+                       "through)")
+    options = PipelineOptions(argv)
+    embed = options.view_as(EmbedOptions)
+    if not embed.output:
+        raise JobError("--output is required (a local folder or gs:// URI)")
+    if embed.min_batch_size < 1 or (embed.max_batch_size is not None and
+                                    embed.max_batch_size < embed.min_batch_size):
+        raise JobError(f"--min_batch_size {embed.min_batch_size} and "
+                       f"--max_batch_size {embed.max_batch_size}: need "
+                       "1 <= min <= max")
+    return options, embed
 
 
 def _choose_runner(options: PipelineOptions) -> str:
@@ -113,264 +120,278 @@ def _choose_runner(options: PipelineOptions) -> str:
     return standard.runner
 
 
+def model_spec(embed: EmbedOptions) -> ModelSpec:
+    source = embed.model_source
+    if source is None:
+        source = "saved_model" if embed.model_handle else "tfhub"
+    if source == "random" and embed.model_handle:
+        raise JobError("--model_source random takes no --model_handle")
+    if embed.feature_vector_handle and not embed.model_handle:
+        raise JobError("--feature_vector_handle needs --model_handle")
+    try:
+        return ModelSpec(variant=embed.model, source=source,
+                         handle=embed.model_handle,
+                         feature_handle=embed.feature_vector_handle,
+                         hub_version=embed.hub_version, seed=embed.seed)
+    except (ValueError, catalog.UnknownModelError) as e:
+        raise JobError(str(e)) from None
+
+
+def _extensions(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    if value is None:
+        return listing.DEFAULT_EXTENSIONS
+    if value.strip() == "*":
+        return None
+    extensions = tuple(e.strip().lstrip(".").lower() for e in value.split(",")
+                       if e.strip().lstrip("."))
+    if not extensions:
+        raise JobError(f"--extensions {value!r} names no extension (use e.g. "
+                       "'jpg,png', or '*' for every file)")
+    return extensions
+
+
+def _inputs(embed: EmbedOptions, dry_run: bool) -> list[str]:
+    """The glob patterns; the manifest made absolute. Checked to list
+    something, except in a dry run (nothing is read then)."""
+    patterns = [listing.normalize_pattern(p) for arg in embed.input
+                for p in arg.split(",") if p.strip()]
+    _extensions(embed.extensions)  # a bad value fails before anything runs
+    if embed.manifest and is_local(embed.manifest):
+        embed.manifest = os.path.abspath(os.path.expanduser(embed.manifest))
+    _refuse_output_inside_inputs(embed.output, patterns)
+    if not dry_run:
+        try:
+            listing.check_inputs(patterns, embed.manifest)
+        except listing.ListingError as e:
+            raise JobError(str(e)) from None
+    return patterns
+
+
+def _refuse_output_inside_inputs(output: str, patterns: list[str]) -> None:
+    """An output folder a glob reaches would be embedded by the next run."""
+    dataset = Dataset(output)
+    probes = [dataset.part_path(EMBEDDINGS, "run", "x"), dataset.dataset_json]
+    for pattern in patterns:
+        matches = _glob_regex(pattern).fullmatch
+        if any(matches(probe) for probe in probes):
+            raise JobError(f"--output {dataset.shown} is inside --input "
+                           f"{redact(pattern)}: the job would list its own "
+                           "files; choose an output folder outside the inputs")
+
+
+def _glob_regex(pattern: str) -> "re.Pattern":
+    """A glob as Beam matches it: '**' crosses folders, '*' and '?' do not."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    wildcard = {"**": ".*", "*": "[^/]*", "?": "[^/]"}
+    return re.compile("".join(wildcard.get(p, re.escape(p)) for p in parts))
+
+
+def _preprocessing(embed: EmbedOptions, variant: catalog.Variant
+                   ) -> tuple[PreprocessSettings, DecodeLimits]:
+    try:
+        settings = PreprocessSettings(
+            height=variant.input_size, width=variant.input_size,
+            resize_mode=embed.resize_mode, crop_fraction=embed.crop_fraction,
+            reduced_jpeg_decode=not embed.no_reduced_jpeg_decode)
+        limits = DecodeLimits(max_bytes=embed.max_bytes,
+                              max_pixels=embed.max_pixels)
+    except ValueError as e:
+        raise JobError(str(e)) from None
+    if not embed.max_batch_size:
+        embed.max_batch_size = max(embed.min_batch_size,
+                                   default_max_batch_size(variant.input_size))
+    return settings, limits
+
+
 # Resident memory of one worker process with TensorFlow and the model loaded
 # (measured: about 1.0-1.4 GB; see benchmarks/).
 _WORKER_MEMORY = 1.5 * 2**30
 
 
-def _use_every_core(options: PipelineOptions, embed: EmbedOptions,
-                    argv: list[str]) -> None:
+def _process_layout(options: PipelineOptions, embed: EmbedOptions,
+                    argv: list[str], runner: str) -> bool:
     """Local runs default to one worker process per core, one TF thread each.
 
-    Measured on 2 cores (benchmarks/): the real 1.0_224 model embeds 101
-    images/s end to end this way against 56 in one process, where decoding
-    and inference take turns on one thread. Explicit --direct_* options win;
-    in any multi-process layout the cores are split between the processes'
-    TensorFlow threads unless --tf_*_threads say otherwise.
+    Measured on 2 cores (benchmarks/): the real 1.0_224 model embeds about
+    1.6x the images/s end to end this way than in one process, where
+    decoding and inference take turns on one thread. Explicit --direct_*
+    options win; in any multi-process layout the cores are split between the
+    processes' TensorFlow threads unless --tf_*_threads say otherwise.
+    Returns whether the launcher process runs the model itself.
     """
+    if runner not in LOCAL_RUNNERS:
+        return False
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
     if not any(a.split("=")[0] in ("--direct_running_mode", "--direct_num_workers")
                for a in argv):
-        import psutil
         workers = min(cores, max(1, int(
             psutil.virtual_memory().available // _WORKER_MEMORY)))
-        if workers < 2:
-            return
-        direct.direct_running_mode = "multi_processing"
-        direct.direct_num_workers = workers
-    elif direct.direct_running_mode != "multi_processing":
-        return
+        if workers >= 2:
+            direct.direct_running_mode = "multi_processing"
+            direct.direct_num_workers = workers
+    if direct.direct_running_mode in (None, "in_memory"):
+        # The launcher is the worker: TF must get its threads before it starts.
+        configure_tensorflow(embed.tf_intra_op_threads, embed.tf_inter_op_threads)
+        return True
+    if direct.direct_running_mode != "multi_processing":
+        return False
     # N processes share the cores: TensorFlow's default of a thread per core
     # in each would oversubscribe them (measured 0.74 x the raw model rate
     # with 2 processes x 2 threads on 2 cores, against 0.87 with 1 each).
     workers = max(1, direct.direct_num_workers or cores)
-    threads = max(1, cores // workers)
     if not embed.tf_intra_op_threads:
-        embed.tf_intra_op_threads = threads
+        embed.tf_intra_op_threads = max(1, cores // workers)
     if not embed.tf_inter_op_threads:
         embed.tf_inter_op_threads = 1
     LOG.info("local run: %d worker processes, %d TensorFlow thread(s) each "
              "(--direct_running_mode in_memory for one process)", workers,
              embed.tf_intra_op_threads)
+    return False
 
 
-def check_dataset(layout: OutputLayout, metadata: dict, overwrite: bool) -> str:
-    """Refuse to mix rows from another model or preprocessing; say what is there."""
-    recorded = read_json(layout.dataset_json)
-    if recorded is None:
-        parts = layout.parts(EMBEDDINGS)
-        if parts:
-            import pyarrow.parquet as pq
-            from apache_beam.io.filesystems import FileSystems
-
-            from schemas import read_metadata
-            with FileSystems.open(parts[0]) as f:
-                recorded = read_metadata(pq.read_schema(f))
-    if recorded is not None:
-        differing = [k for k in _DATASET_IDENTITY
-                     if _identity(k, recorded.get(k)) != _identity(k, metadata.get(k))]
-        if differing and not overwrite:
-            details = "; ".join(f"{k}: existing {recorded.get(k)!r} vs now "
-                                f"{metadata.get(k)!r}" for k in differing)
-            raise JobError(
-                f"{layout.root} holds embeddings made differently ({details}). "
-                "Use another --output, or pass --overwrite to replace them.")
-        if differing:
-            _remove_outputs(layout)
-            recorded = None
-    if recorded is None:
-        write_json(layout.dataset_json, {
-            **{k: metadata[k] for k in metadata},
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(
-                timespec="seconds")})
-        return "new"
-    return "resume"
-
-
-def _identity(key: str, value) -> str:
-    """The part of a metadata value that decides whether rows can be mixed."""
-    if key == "preprocessing" and value:
-        settings = json.loads(value)
-        settings.pop("pillow", None)  # recorded, but an upgrade should not block resume
-        return json.dumps(settings, sort_keys=True)
-    return str(value)
-
-
-def _remove_outputs(layout: OutputLayout) -> None:
-    from apache_beam.io.filesystems import FileSystems
-    LOG.warning("--overwrite: removing the existing outputs in %s", layout.root)
-    doomed = layout.parts(EMBEDDINGS) + layout.parts(ERRORS)
-    for path in (layout.dataset_json, layout.summary_json):
-        if FileSystems.exists(path):
-            doomed.append(path)
-    if doomed:
-        FileSystems.delete(doomed)
-
-
-def plan(argv: list[str]) -> Plan:
-    started_at = time.time()
-    options = PipelineOptions(argv)
-    embed = options.view_as(EmbedOptions)
-    if not embed.output:
-        raise JobError("--output is required (a local folder or gs:// URI)")
-    runner = _choose_runner(options)
-    try:
-        catalog.get_variant(embed.model)
-    except catalog.UnknownModelError as e:
-        raise JobError(str(e)) from None
-    if embed.min_batch_size < 1 or (embed.max_batch_size is not None and
-                                    embed.max_batch_size < embed.min_batch_size):
-        raise JobError(f"--min_batch_size {embed.min_batch_size} and "
-                       f"--max_batch_size {embed.max_batch_size}: need "
-                       "1 <= min <= max")
-    spec = model_spec(embed)
-    patterns = [listing.normalize_pattern(p) for arg in embed.input
-                for p in arg.split(",") if p.strip()]
-    manifest = embed.manifest
-    if manifest and listing.is_local(manifest):
-        manifest = embed.manifest = os.path.abspath(manifest)
-    dry_run = _is_dry_run(options)
-    if not dry_run:
-        try:
-            listing.check_inputs(patterns, manifest)
-        except listing.ListingError as e:
-            raise JobError(str(e)) from None
-
-    variant = catalog.get_variant(spec.variant)
-    settings = PreprocessSettings(
-        height=variant.input_size, width=variant.input_size,
-        resize_mode=embed.resize_mode, crop_fraction=embed.crop_fraction,
-        reduced_jpeg_decode=not embed.no_reduced_jpeg_decode)
-    limits = DecodeLimits(max_bytes=embed.max_bytes, max_pixels=embed.max_pixels)
-    if not embed.max_batch_size:
-        embed.max_batch_size = max(embed.min_batch_size,
-                                   default_max_batch_size(variant.input_size))
-    if runner in LOCAL_RUNNERS:
-        _use_every_core(options, embed, argv)
-    in_process = (runner in LOCAL_RUNNERS and options.view_as(
-        DirectOptions).direct_running_mode in (None, "in_memory"))
-    if in_process:
-        # The launcher is the worker: TF must get its threads before it starts.
-        configure_tensorflow(embed.tf_intra_op_threads, embed.tf_inter_op_threads)
-    layout = OutputLayout(embed.output)
-    if dry_run:
-        # Graph only: nothing is read, loaded or written.
-        model = None
-        model_metadata = {
-            "model": spec.variant, "model_source": spec.source,
-            "model_handle": spec.describe(), "weights_sha256": "unknown (dry run)",
-            "heads": "unknown (dry run)", "feature_dim": variant.feature_dim}
-    else:
-        model, model_metadata = _launcher_model(spec, in_process)
-    metadata = {
-        "schema_version": SCHEMA_VERSION,
-        "project_version": pipeline.__version__,
-        **model_metadata,
-        "preprocessing": json.dumps(settings.to_metadata(), sort_keys=True),
-        "labels": LABEL_SET,
-    }
-    mode = "dry run" if dry_run else check_dataset(layout, metadata,
-                                                   embed.overwrite)
-    existing = layout.parts(EMBEDDINGS) if not dry_run else []
-    if mode == "resume" and existing:
-        LOG.info("resuming: %d files already in %s/embeddings; images in "
-                 "them are skipped", len(existing), layout.root)
-    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + \
-        "-" + uuid.uuid4().hex[:6]
-    progress_dir = None
-    if embed.progress == "on" or (embed.progress == "auto"
-                                  and runner in LOCAL_RUNNERS):
-        progress_dir = tempfile.mkdtemp(prefix="mobilenet_embed_progress_")
-    return Plan(options, embed, spec, model, dry_run, settings, limits, layout,
-                metadata, patterns, existing, run_id, started_at, progress_dir)
-
-
-def _launcher_model(spec: ModelSpec, in_process: bool
-                    ) -> tuple[Optional[LoadedModel], dict]:
-    """The model's metadata before any image is read, and the model itself
-    where this process will run it.
+def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool) -> ModelInfo:
+    """The model's metadata before any image is read.
 
     Where only worker processes run it (multi-process, Dataflow), a model
     whose frozen graph is cached on this machine is not loaded here: that
-    would add seconds to start-up (measured 5-6 s of 15-18 for a local
-    multi-process run) only to read the weights digest. Otherwise it is
-    loaded, which checks it and warms the cache for the workers.
-    Raises ModelUnavailableError either way when the model cannot be had.
+    would add seconds to start-up only to read the weights digest.
+    Otherwise it is loaded, which checks it and warms the cache for the
+    workers. Raises ModelUnavailableError when the model cannot be had.
     """
+    if dry_run:  # graph only: nothing is read, loaded or written
+        variant = catalog.get_variant(spec.variant)
+        return ModelInfo(spec.variant, spec.source, spec.describe(),
+                         "unknown (dry run)", "unknown (dry run)",
+                         variant.feature_dim)
     paths = None
     if not in_process:
         paths = resolve_model(spec)  # once: a gs:// model is listed once here
-        metadata = cached_metadata(spec, paths)
-        if metadata:
+        info = cached_info(spec, paths)
+        if info:
             LOG.info("model %s found in the graph cache (weights sha256 %s); "
                      "the workers load it", spec.describe(),
-                     metadata["weights_sha256"][:16])
-            return None, metadata
+                     info.weights_sha256[:16])
+            return info
     LOG.info("loading %s (%s)", spec.variant, spec.describe())
     model = load_model(spec, paths)
     LOG.info("model ready: %s; weights sha256 %s", model.heads,
              model.weights_sha256[:16])
-    return model, model.metadata()
+    return model.info()
 
+
+def _prepare_output(dataset: Dataset, metadata: DatasetMetadata,
+                    overwrite: bool, run_id: str) -> list[tuple[str, str]]:
+    """Take the output's lock, check or record its identity, and clean what
+    dead runs left; returns the part files already there. The lock is held
+    until `run` releases it."""
+    dataset.acquire_lock(run_id)
+    try:
+        mode = dataset.prepare(metadata, overwrite)
+        stale = dataset.remove_stale_staging()
+        if stale:
+            LOG.info("removed %d unfinished file(s) of earlier runs from "
+                     "_staging/", stale)
+        dataset.set_aside_damaged_parts()
+        existing = [(kind, path) for kind in (EMBEDDINGS, ERRORS)
+                    for path in dataset.parts(kind)]
+    except BaseException:
+        dataset.release_lock(run_id)
+        raise
+    embedded = sum(1 for kind, _ in existing if kind == EMBEDDINGS)
+    if mode == "resume" and embedded:
+        LOG.info("resuming: %d files already in %s/embeddings; images in "
+                 "them are skipped", embedded, dataset.shown)
+    return existing
+
+
+def _progress_dir(embed: EmbedOptions, runner: str) -> Optional[str]:
+    if not (embed.progress == "on" or (embed.progress == "auto"
+                                       and runner in LOCAL_RUNNERS)):
+        return None
+    _remove_dead_progress_dirs()
+    return tempfile.mkdtemp(prefix=f"{PROGRESS_PREFIX}{os.getpid()}_")
+
+
+def _remove_dead_progress_dirs() -> None:
+    """Progress folders of launchers that were killed before cleaning up."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        if not name.startswith(PROGRESS_PREFIX):
+            continue
+        pid = name[len(PROGRESS_PREFIX):].split("_", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def plan(argv: list[str]) -> Plan:
+    started_at = time.time()
+    options, embed = parse_options(argv)
+    dry_run = bool(options.view_as(TestOptions).dry_run)
+    runner = _choose_runner(options)
+    spec = model_spec(embed)
+    variant = catalog.get_variant(spec.variant)
+    patterns = _inputs(embed, dry_run)
+    settings, limits = _preprocessing(embed, variant)
+    in_process = _process_layout(options, embed, argv, runner)
+    metadata = DatasetMetadata(
+        model=_model_info(spec, in_process, dry_run),
+        preprocessing=settings.to_metadata(), labels=LABEL_SET,
+        project_version=pipeline.__version__)
+    dataset = Dataset(embed.output)
+    run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + \
+        "-" + uuid.uuid4().hex[:6]
+    existing = [] if dry_run else _prepare_output(dataset, metadata,
+                                                  embed.overwrite, run_id)
+    return Plan(options, embed, spec, dry_run, settings, limits, dataset,
+                metadata, patterns, existing, run_id, started_at,
+                _progress_dir(embed, runner))
+
+
+# --- the graph ----------------------------------------------------------------------
 
 def build(p: beam.Pipeline, plan_: Plan) -> None:
     """The Beam graph of one run."""
     embed = plan_.embed
     listed = p | "List" >> listing.ListImages(
-        plan_.patterns, embed.manifest, plan_.existing_files,
+        plan_.patterns, embed.manifest, plan_.existing_parts,
         _extensions(embed.extensions))
-    decoded = listed["refs"] | "ReadDecodeResize" >> beam.ParDo(
-        ReadDecodeResize(plan_.settings, plan_.limits)).with_outputs(
-            ReadDecodeResize.FAILED, main="images")
-    handler = MobileNetV2Handler(
-        plan_.spec, min_batch_size=embed.min_batch_size,
+    embedded = listed["refs"] | "EmbedImages" >> EmbedImages(
+        plan_.spec, plan_.settings, plan_.limits,
+        min_batch_size=embed.min_batch_size,
         max_batch_size=embed.max_batch_size, large_model=embed.large_model,
         model_copies=embed.model_copies,
         expected_weights_sha256=(None if plan_.dry_run
-                                 else plan_.metadata["weights_sha256"]),
+                                 else plan_.metadata.model.weights_sha256),
         intra_op_threads=embed.tf_intra_op_threads,
         inter_op_threads=embed.tf_inter_op_threads)
-    embedded = decoded.images | "Embed" >> Embed(handler)
-    rows = embedded.embedded
-    failures = ((listed[listing.ListImages.FAILED],
-                 decoded[ReadDecodeResize.FAILED], embedded[Embed.FAILED])
+    rows = embedded[EmbedImages.EMBEDDED]
+    failures = ((listed[listing.ListImages.FAILED], embedded[EmbedImages.FAILED])
                 | "AllFailures" >> beam.Flatten())
     if plan_.progress_dir:
         rows = rows | "CountEmbedded" >> beam.ParDo(
             CountProgress(plan_.progress_dir, EMBEDDINGS))
         failures = failures | "CountFailed" >> beam.ParDo(
             CountProgress(plan_.progress_dir, ERRORS))
-    write = dict(layout=plan_.layout, run_id=plan_.run_id,
-                 metadata=plan_.metadata, rows_per_file=embed.rows_per_file)
-    written = rows | "WriteEmbeddings" >> beam.ParDo(WriteParquetFiles(
-        kind=EMBEDDINGS, rows=EmbeddingRows(
-            plan_.spec.variant, int(plan_.metadata["feature_dim"]),
-            imagenet_labels()),
-        **write)).with_outputs(WriteParquetFiles.FAILED, main="committed")
-    failures = ((failures, written[WriteParquetFiles.FAILED])
-                | "WithWriteFailures" >> beam.Flatten())
-    committed = (
-        (written.committed,
-         failures | "WriteErrors" >> beam.ParDo(WriteParquetFiles(
-             kind=ERRORS, rows=ErrorRows(), **write)))
-        | "AllCommitted" >> beam.Flatten())
     header = {
         "project_version": pipeline.__version__,
-        "output": plan_.layout.root,
+        "output": plan_.dataset.shown,
         "inputs": [redact(p) for p in plan_.patterns],
         "manifest": redact(embed.manifest) if embed.manifest else None,
         "runner": plan_.options.view_as(StandardOptions).runner,
-        "model": {k: plan_.metadata[k] for k in (
-            "model", "model_source", "model_handle", "weights_sha256", "heads",
-            "feature_dim")},
+        "model": dataclasses.asdict(plan_.metadata.model),
         "preprocessing": plan_.settings.to_metadata(),
     }
-    _ = ((committed, listed[listing.ListImages.STATS],
-          listed[listing.ListImages.REDUNDANT])
-         | "Summarize" >> Summarize(plan_.layout, plan_.run_id,
-                                    plan_.started_at, header))
+    _ = ({EmbedImages.EMBEDDED: rows, EmbedImages.FAILED: failures,
+          WriteEmbeddingDataset.STATS: listed[listing.ListImages.STATS],
+          WriteEmbeddingDataset.REDUNDANT: listed[listing.ListImages.REDUNDANT]}
+         | "WriteDataset" >> WriteEmbeddingDataset(
+             plan_.dataset, plan_.metadata, run_id=plan_.run_id,
+             rows_per_file=embed.rows_per_file, started_at=plan_.started_at,
+             header=header))
 
+
+# --- running and reporting --------------------------------------------------------
 
 def _print_metrics(result) -> None:
     try:
@@ -379,11 +400,11 @@ def _print_metrics(result) -> None:
         return
     totals: dict[str, int] = {}
     for counter in counters:
-        if counter.key.metric.namespace in ("mobilenet_embed",):
+        if counter.key.metric.namespace == METRICS_NAMESPACE:
             name = counter.key.metric.name
             totals[name] = totals.get(name, 0) + (counter.committed or 0)
     if totals:
-        LOG.info("Beam counters: %s", ", ".join(
+        LOG.debug("Beam counters: %s", ", ".join(
             f"{k}={v}" for k, v in sorted(totals.items())))
 
 
@@ -400,7 +421,8 @@ def format_summary(summary: dict) -> str:
         + (f" ({', '.join(f'{k}: {v}' for k, v in summary['failures_by_reason'].items())})"
            if counts["failed"] else ""),
         f"time:     {summary['wall_seconds']} s, {summary['images_per_second']} images/s",
-        f"dataset:  {summary['dataset_rows']} rows in embeddings/",
+        f"dataset:  {summary['dataset_rows']} rows in embeddings/, "
+        f"{summary['dataset_error_rows']} in errors/",
     ]
     if not summary["accounting"]["ok"]:
         lines.append(f"ACCOUNTING MISMATCH: {summary['accounting']['unaccounted']}"
@@ -410,6 +432,16 @@ def format_summary(summary: dict) -> str:
 
 def run(argv: list[str]) -> int:
     plan_ = plan(argv)
+    try:
+        return _execute(plan_)
+    finally:
+        if not plan_.dry_run:
+            plan_.dataset.release_lock(plan_.run_id)
+        if plan_.progress_dir:
+            shutil.rmtree(plan_.progress_dir, ignore_errors=True)
+
+
+def _execute(plan_: Plan) -> int:
     try:
         p = beam.Pipeline(options=plan_.options)
     except ValueError as e:  # Beam's option checks (project id, region, ...)
@@ -425,28 +457,53 @@ def run(argv: list[str]) -> int:
             LOG.info("dry run: the job graph was built; nothing was submitted")
             return 0
         state = result.wait_until_finish()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as e:  # pylint: disable=broad-except
+        LOG.debug("the job failed", exc_info=True)
+        LOG.error("the job failed: %s (whole files already written are kept; "
+                  "a re-run resumes from them; --verbose for the traceback)",
+                  _root_cause(e))
+        return 3
     finally:
         if monitor:
             monitor.stop()
-            shutil.rmtree(plan_.progress_dir, ignore_errors=True)
     _print_metrics(result)
-    summary = read_json(plan_.layout.summary_json)
+    try:
+        summary = plan_.dataset.read_summary()
+    except DatasetError:
+        summary = None
     if summary is None or summary.get("run_id") != plan_.run_id:
         LOG.error("the job ended (%s) without writing its summary", state)
         return 3
     print(format_summary(summary), file=sys.stderr)
-    attempted = summary["counts"]["embedded"] + summary["counts"]["failed"]
-    rate = summary["counts"]["failed"] / attempted if attempted else 0.0
     if not summary["accounting"]["ok"]:
         return 3
+    counts = summary["counts"]
+    if counts[listing.ENTRIES] == 0:
+        raise JobError(
+            "nothing to embed: the inputs hold no images ("
+            f"{counts[listing.NOT_IMAGES]} file(s) matched without an image "
+            "extension; see --extensions)")
+    rate = failure_rate(summary["counts"])
     if rate > plan_.embed.max_failure_rate:
-        LOG.error("failure rate %.1f%% is above --max_failure_rate %.1f%%; see "
-                  "%s/errors/", 100 * rate, 100 * plan_.embed.max_failure_rate,
-                  plan_.layout.root)
+        LOG.error("failure rate %.1f%% (of the images listed) is above "
+                  "--max_failure_rate %.1f%%; see %s/errors/", 100 * rate,
+                  100 * plan_.embed.max_failure_rate, plan_.dataset.shown)
         return 1
     return 0
 
 
-def _is_dry_run(options: PipelineOptions) -> bool:
-    from apache_beam.options.pipeline_options import TestOptions
-    return bool(options.view_as(TestOptions).dry_run)
+def _root_cause(error: BaseException) -> str:
+    """One line: the innermost error Beam wrapped, redacted."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    from transforms.uris import redact_text
+    return redact_text(f"{type(error).__name__}: {text}"[:400])

@@ -6,17 +6,53 @@ untouched, as in Beam's examples.
 """
 from __future__ import annotations
 
+import argparse
+
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from transforms.decode import RESIZE_MODES
 from transforms.model import catalog
 from transforms.model.loading import SOURCES
 
 
+# argparse turns a ValueError/TypeError of a `type` into "invalid <name>
+# value"; an ArgumentTypeError's message is shown as it is.
 def _positive_fraction(value: str) -> float:
-    number = float(value)
+    number = _number(value, float)
     if not 0.0 < number <= 1.0:
-        raise ValueError(f"{value} is not in (0, 1]")
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
     return number
+
+
+def _fraction(value: str) -> float:
+    number = _number(value, float)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1]")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    number = _number(value, int)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return number
+
+
+def _count(value: str) -> int:
+    number = _number(value, int)
+    if number < 0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is negative (0 means the default)")
+    return number
+
+
+def _number(value: str, kind):
+    try:
+        return kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not {'an integer' if kind is int else 'a number'}"
+        ) from None
 
 
 class EmbedOptions(PipelineOptions):
@@ -47,11 +83,11 @@ class EmbedOptions(PipelineOptions):
             help="Replace an output made with another model or preprocessing "
                  "instead of refusing to mix them.")
         io.add_argument(
-            "--rows_per_file", type=int, default=4096,
+            "--rows_per_file", type=_positive_int, default=4096,
             help="Rows per Parquet file; a killed run resumes from whole "
                  "files, so smaller files lose less work.")
         io.add_argument(
-            "--max_failure_rate", type=float, default=0.05,
+            "--max_failure_rate", type=_fraction, default=0.05,
             help="Exit non-zero (after writing everything) when more than "
                  "this fraction of the images attempted failed.")
 
@@ -82,7 +118,7 @@ class EmbedOptions(PipelineOptions):
 
         pre = parser.add_argument_group("decoding and preprocessing")
         pre.add_argument(
-            "--resize_mode", default="stretch", choices=("stretch", "center_crop"),
+            "--resize_mode", default="stretch", choices=RESIZE_MODES,
             help="stretch: the whole image to HxW, as the modules expect; "
                  "center_crop: a central crop of the target aspect, then resize.")
         pre.add_argument("--crop_fraction", type=_positive_fraction,
@@ -92,16 +128,16 @@ class EmbedOptions(PipelineOptions):
             "--no_reduced_jpeg_decode", action="store_true",
             help="Always decode JPEGs at full size (slower; the default "
                  "decodes large JPEGs at a reduced size within tolerance).")
-        pre.add_argument("--max_bytes", type=int, default=64 * 2**20,
+        pre.add_argument("--max_bytes", type=_positive_int, default=64 * 2**20,
                          help="Files larger than this fail (stage read).")
-        pre.add_argument("--max_pixels", type=int, default=128_000_000,
+        pre.add_argument("--max_pixels", type=_positive_int, default=128_000_000,
                          help="Images declaring more pixels fail before "
                               "decoding (decompression bombs).")
 
         run = parser.add_argument_group("inference and throughput")
-        run.add_argument("--min_batch_size", type=int, default=1)
+        run.add_argument("--min_batch_size", type=_positive_int, default=1)
         run.add_argument(
-            "--max_batch_size", type=int, default=None,
+            "--max_batch_size", type=_positive_int, default=None,
             help="Images per model call at most. Default: the pixels of 16 "
                  "images at 224x224 (16 at 224, 31 at 160, 49 at 128, 64 at "
                  "96): bounds each worker's activation memory, and as "
@@ -112,12 +148,16 @@ class EmbedOptions(PipelineOptions):
             help="One model copy per machine, shared by its worker processes "
                  "(RunInference's large_model), instead of one per process.")
         run.add_argument(
-            "--model_copies", type=int, default=None,
+            "--model_copies", type=_positive_int, default=None,
             help="With --large_model: how many copies per machine.")
-        run.add_argument("--tf_intra_op_threads", type=int, default=0,
+        run.add_argument("--tf_intra_op_threads", type=_count, default=0,
                          help="TensorFlow intra-op threads (0: TF default).")
-        run.add_argument("--tf_inter_op_threads", type=int, default=0,
+        run.add_argument("--tf_inter_op_threads", type=_count, default=0,
                          help="TensorFlow inter-op threads (0: TF default).")
         run.add_argument(
             "--progress", default="auto", choices=("auto", "on", "off"),
             help="Progress line on stderr (auto: local runners only).")
+        run.add_argument(
+            "--verbose", action="store_true",
+            help="Show TensorFlow's, absl's and Beam's start-up and worker "
+                 "logs, and tracebacks (hidden by default).")

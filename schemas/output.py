@@ -5,11 +5,17 @@ Defined once here and used by the writer, the tests and the docs
 """
 from __future__ import annotations
 
+import dataclasses
+import json
+from typing import Optional
+
 import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 NUM_CLASSES = 1001  # index 0 is "background"
 TOP_K = 5
+# Beam metrics of every stage are counted under this namespace.
+METRICS_NAMESPACE = "mobilenet_embed"
 
 # Parquet key-value metadata written into every file (values are strings;
 # `preprocessing` is JSON). Readers find them with
@@ -27,6 +33,82 @@ META_KEYS = (
     "preprocessing",  # JSON of the decode/resize settings
     "labels",  # the label set of `top5_labels`
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the output records about the model that made it: written by the
+    model library when it loads a model, read by everyone else."""
+    model: str  # catalog name, e.g. mobilenet_v2_100_224
+    model_source: str  # tfhub | saved_model | random
+    model_handle: str  # TF-Hub handle(s), path/URI, or "random(seed=N)"
+    weights_sha256: str  # digest of the weights actually loaded
+    heads: str  # how logits and features were computed (one pass or two)
+    feature_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetMetadata:
+    """The key-value metadata of every output file and of `_dataset.json`:
+    the one typed record of how a dataset was made. Written and read only
+    through `to_strings` / `from_strings`."""
+    model: ModelInfo
+    preprocessing: dict  # the decode/resize settings (JSON in the files)
+    labels: str  # the label set of `top5_labels`
+    schema_version: str = SCHEMA_VERSION
+    project_version: str = ""
+
+    # Rows made under a different value of these cannot be mixed in one dataset.
+    IDENTITY = ("schema_version", "model", "weights_sha256", "feature_dim",
+                "preprocessing")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.feature_dim
+
+    def to_strings(self) -> dict[str, str]:
+        """The META_KEYS as strings, for Parquet metadata and JSON."""
+        values = {
+            "schema_version": self.schema_version,
+            "project_version": self.project_version,
+            **{k: str(v) for k, v in dataclasses.asdict(self.model).items()},
+            "preprocessing": json.dumps(self.preprocessing, sort_keys=True),
+            "labels": self.labels,
+        }
+        return {k: values[k] for k in META_KEYS}
+
+    @classmethod
+    def from_strings(cls, values: dict) -> "DatasetMetadata":
+        """Inverse of `to_strings`; KeyError/ValueError when a key is missing
+        or malformed (callers name the file)."""
+        model = ModelInfo(**{f.name: values[f.name]
+                             for f in dataclasses.fields(ModelInfo)
+                             if f.name != "feature_dim"},
+                          feature_dim=int(values["feature_dim"]))
+        preprocessing = values["preprocessing"]
+        if isinstance(preprocessing, str):
+            preprocessing = json.loads(preprocessing)
+        if not isinstance(preprocessing, dict):
+            raise ValueError("preprocessing is not a JSON object")
+        return cls(model=model, preprocessing=preprocessing,
+                   labels=str(values["labels"]),
+                   schema_version=str(values["schema_version"]),
+                   project_version=str(values.get("project_version", "")))
+
+    def identity(self) -> dict[str, str]:
+        """The values that decide whether rows can be mixed. The Pillow
+        version is recorded, but an upgrade should not block a resume."""
+        strings = self.to_strings()
+        settings = dict(self.preprocessing)
+        settings.pop("pillow", None)
+        strings["preprocessing"] = json.dumps(settings, sort_keys=True)
+        return {k: strings[k] for k in self.IDENTITY}
+
+    def differences(self, other: "DatasetMetadata") -> list[str]:
+        """'key: mine vs theirs' for each identity value that differs."""
+        mine, theirs = self.identity(), other.identity()
+        return [f"{k}: {mine[k]!r} vs {theirs[k]!r}" for k in self.IDENTITY
+                if mine[k] != theirs[k]]
 
 
 def meta_key(name: str) -> bytes:
@@ -67,21 +149,24 @@ ERRORS_SCHEMA = pa.schema([
 ])
 
 
-def with_metadata(schema: pa.Schema, metadata: dict) -> pa.Schema:
-    """The schema with the run's key-value metadata attached."""
-    unknown = set(metadata) - set(META_KEYS)
-    if unknown:
-        raise ValueError(f"unknown metadata keys: {sorted(unknown)}")
+def with_metadata(schema: pa.Schema, metadata: DatasetMetadata) -> pa.Schema:
+    """The schema with the dataset's key-value metadata attached."""
     return schema.with_metadata(
-        {meta_key(k): str(v).encode() for k, v in metadata.items()})
+        {meta_key(k): v.encode() for k, v in metadata.to_strings().items()})
 
 
-def read_metadata(schema: pa.Schema) -> dict:
-    """The run metadata of a file's schema, keys without the prefix."""
+def read_metadata(schema: pa.Schema) -> Optional[DatasetMetadata]:
+    """The dataset metadata of a file's schema; None for a file without it.
+    ValueError when it is there but malformed."""
     raw = schema.metadata or {}
-    out = {}
+    values = {}
     for k, v in raw.items():
         key = k.decode()
         if key.startswith(META_PREFIX):
-            out[key[len(META_PREFIX):]] = v.decode()
-    return out
+            values[key[len(META_PREFIX):]] = v.decode()
+    if not values:
+        return None
+    try:
+        return DatasetMetadata.from_strings(values)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed {META_PREFIX}* metadata: {e!r}") from None

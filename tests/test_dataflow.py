@@ -115,8 +115,9 @@ def _check_translated_job(runner) -> None:
     from apache_beam.portability import common_urns
     proto = runner.proto_pipeline
     names = {t.unique_name for t in proto.components.transforms.values()}
-    for stage in ("List", "ReadDecodeResize", "Embed", "Embed/RunInference",
-                  "WriteEmbeddings", "WriteErrors", "Summarize"):
+    for stage in ("List", "EmbedImages/ReadDecodeResize", "EmbedImages/Embed",
+                  "EmbedImages/Embed/RunInference", "WriteDataset/WriteEmbeddings",
+                  "WriteDataset/WriteErrors", "WriteDataset/Summarize"):
         assert stage in names, sorted(names)
     (env,) = proto.components.environments.values()
     assert env.urn == common_urns.environments.DOCKER.urn

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -248,7 +249,7 @@ def test_output_made_with_another_model_is_refused(tmp_path, twelve_photos, caps
     table = read_embeddings(out)
     assert table.num_rows == 12
     from schemas import read_metadata
-    assert read_metadata(table.schema)["model_handle"] == "random(seed=1)"
+    assert read_metadata(table.schema).model.model_handle == "random(seed=1)"
 
 
 def test_kill_9_leaves_only_whole_files_and_the_rerun_completes(tmp_path):
@@ -282,9 +283,11 @@ def test_kill_9_leaves_only_whole_files_and_the_rerun_completes(tmp_path):
     assert committed and all(p.suffix == ".parquet" for p in committed)
     done = sum(pq.ParquetFile(p).metadata.num_rows for p in committed)  # all readable
     assert 0 < done < total
-    # Half-written files exist only in the staging area, out of readers' way.
-    assert all(f.endswith(".inprogress") for f in files_under(out / "_staging")) \
-        if (out / "_staging").exists() else True
+    # Half-written files exist only in the staging area, out of readers' way,
+    # and the killed run still holds the output's lock.
+    staged = files_under(out / "_staging") if (out / "_staging").exists() else []
+    assert all(f.endswith(".inprogress") for f in staged), staged
+    assert json.loads((out / "_lock.json").read_text())["pid"] == job.pid
     assert run_job("--input", folder, "--output", out, "--model",
                    "mobilenet_v2_100_224", "--model_source", "random",
                    "--rows_per_file", "8") == 0
@@ -293,7 +296,8 @@ def test_kill_9_leaves_only_whole_files_and_the_rerun_completes(tmp_path):
     assert s["counts"]["embedded"] == total - done
     ids = read_embeddings(out).column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == total
-    assert not (out / "_staging").exists()
+    assert not (out / "_staging").exists()  # the dead run's files are gone
+    assert not (out / "_lock.json").exists()  # taken over, then released
 
 
 # --- hostile names and ids --------------------------------------------------------------
@@ -337,18 +341,21 @@ def test_credentials_in_uris_never_reach_logs_or_outputs(tmp_path, twelve_photos
 
 
 def test_a_row_that_cannot_be_written_fails_alone(tmp_path):
-    from schemas import Embedding, FailedImage
-    from transforms.write import (EMBEDDINGS, CommittedFile, EmbeddingRows,
-                                  OutputLayout, WriteParquetFiles)
+    from schemas import DatasetMetadata, Embedding, FailedImage, ModelInfo
+    from transforms.dataset import EMBEDDINGS, CommittedFile, Dataset
+    from transforms.write import EmbeddingRows, WriteParquetFiles
 
     def embedding(i, dim=1280):
         return Embedding(f"id{i}", f"/img/{i}.jpg", np.zeros(1001, np.float32),
                          np.full(dim, i, np.float32), np.arange(5, dtype=np.int32),
                          np.full(5, 0.2, np.float32), 10, 10, "ab" * 32, 100)
 
-    writer = WriteParquetFiles(OutputLayout(str(tmp_path)), EMBEDDINGS, "run1",
-                               EmbeddingRows("m", 1280, ("l",) * 1001), metadata={},
-                               rows_per_file=100, rows_per_row_group=4)
+    metadata = DatasetMetadata(ModelInfo("m", "random", "random(seed=0)", "ab",
+                                         "one pass", 1280), {}, "labels")
+    writer = WriteParquetFiles(Dataset(str(tmp_path)), EMBEDDINGS, "run1",
+                               EmbeddingRows("m", 1280, ("l",) * 1001),
+                               metadata=metadata, rows_per_file=100,
+                               rows_per_row_group=4)
     writer.setup()
     writer.start_bundle()
     rows = [embedding(0), embedding(1), embedding(2, dim=7), embedding(3),

@@ -214,17 +214,21 @@ def test_a_fresh_cli_process_reads_the_bucket_without_a_credential_stall(
         runs, bucket, tmp_path):
     """`mobilenet-embed show gs://...` in a new process: Beam's credential
     cache is empty there, as on a worker."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    started = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "pipeline", "show", f"{GS}/out-glob",
-                        "--limit", "2"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=300)
-    elapsed = time.monotonic() - started
+                        "--limit", "2"], capture_output=True, text=True,
+                       env=_no_credentials_env(), cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "1 Parquet file(s)" in r.stdout and "embedded" in r.stdout
+    # A credential search would fail at once on the missing key file and
+    # Beam would warn "Unable to find default credentials".
     assert "default credentials" not in r.stderr
-    # A credential search alone takes over 20 s (retries 2+4+8+16 s).
-    assert elapsed < 15, f"show took {elapsed:.1f} s"
+
+
+def _no_credentials_env() -> dict:
+    """A process environment where any credential search fails at once and
+    says so, instead of probing the metadata server for ~25 s."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                GOOGLE_APPLICATION_CREDENTIALS="/nonexistent/key.json")
 
 
 def test_resume_over_gs_skips_everything(runs, bucket, corpus):
@@ -348,35 +352,28 @@ def test_missing_or_unreadable_model_uri_fails_fast(bucket, corpus, case, capsys
         bucket.upload_tree(tmp_path, handle)
     out = f"{GS}/out-fail-{case}"
     mark = bucket.mark()
-    started = time.monotonic()
     code = main(["run", "--progress", "off", "--input", f"{GS}/images/*",
                  "--output", out, "--model", corpus.model, "--model_handle", handle])
-    elapsed = time.monotonic() - started
     err = capsys.readouterr().err
     assert code == 2, err
     assert f"error: {expected}" in err and "Traceback" not in err
-    assert elapsed < 30, elapsed
     # Before any image was read, and nothing written.
     assert not [r for r in bucket.media_reads(mark) if r.startswith("images/")]
     assert bucket.list(out) == []
 
 
 def test_cli_process_exit_code_for_a_missing_model_uri(bucket, tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     mark = bucket.mark()
-    started = time.monotonic()
     r = subprocess.run(
         [sys.executable, "-m", "pipeline", "run", "--input", f"{GS}/images/*",
          "--output", f"{GS}/out-cli-missing", "--model_handle",
-         f"{GS}/models/missing"], capture_output=True, text=True, env=env,
-        cwd=tmp_path, timeout=300)
-    elapsed = time.monotonic() - started
+         f"{GS}/models/missing"], capture_output=True, text=True,
+        env=_no_credentials_env(), cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr
     assert f"error: no files under {GS}/models/missing" in r.stderr
     assert "Traceback" not in r.stderr and "default credentials" not in r.stderr
     assert not [x for x in bucket.media_reads(mark) if x.startswith("images/")]
     assert bucket.list(f"{GS}/out-cli-missing") == []
-    assert elapsed < 60, elapsed  # interpreter, Beam and TF start included
 
 
 # --- several worker processes ---------------------------------------------------

@@ -188,7 +188,7 @@ def test_tfhub_source_resolves_through_the_hub_cache(tmp_path, monkeypatch):
     seed_tfhub_cache(str(cache), handle, module)
     monkeypatch.setenv("TFHUB_CACHE_DIR", str(cache))
     model = load_model(spec)
-    assert model.metadata()["model_handle"] == handle
+    assert model.info().model_handle == handle
     assert model.heads.startswith("one pass: TF1")
 
 
@@ -283,7 +283,7 @@ def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch)
     assert entry.read_bytes() != b"damaged"
 
 
-def test_launcher_metadata_comes_from_the_cache_without_loading(tmp_path, monkeypatch):
+def test_launcher_model_info_comes_from_the_cache_without_loading(tmp_path, monkeypatch):
     """A launcher that does not run the model reads its metadata from the
     graph cache: the same as loading it, and nothing when not cached."""
     from transforms.model import loading
@@ -292,18 +292,18 @@ def test_launcher_metadata_comes_from_the_cache_without_loading(tmp_path, monkey
     folder = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
     random = ModelSpec(variant="mobilenet_v2_035_96", source="random", seed=5)
     for spec in (folder, random):
-        assert loading.cached_metadata(spec) is None  # not loaded yet
+        assert loading.cached_info(spec) is None  # not loaded yet
         loaded = loading._load_uncached(spec)
-        assert loading.cached_metadata(spec) == loaded.metadata()
+        assert loading.cached_info(spec) == loaded.info()
     # Other weights in the same folder: the cache entry no longer applies.
     other = build_tf1_hub_module(str(tmp_path / "m2"), size=96, feature_dim=1280,
                                  seed=9)
     shutil.rmtree(path)
     shutil.copytree(other, path)
-    assert loading.cached_metadata(folder) is None
+    assert loading.cached_info(folder) is None
     # A model that cannot be had fails as load_model does.
     with pytest.raises(ModelUnavailableError, match="no SavedModel directory"):
-        loading.cached_metadata(ModelSpec(variant="mobilenet_v2_035_96",
+        loading.cached_info(ModelSpec(variant="mobilenet_v2_035_96",
                                           source="saved_model",
                                           handle=str(tmp_path / "absent")))
 
@@ -316,5 +316,5 @@ def test_a_model_that_fails_its_checks_is_not_cached(tmp_path, monkeypatch):
                      handle=str(SHARED_MODEL / "v1_signatures"))
     with pytest.raises(ModelUnavailableError, match="right variant"):
         loading._load_uncached(spec)
-    assert loading.cached_metadata(spec) is None
+    assert loading.cached_info(spec) is None
     assert not list((tmp_path / "cache").rglob("*.pb"))

@@ -77,18 +77,22 @@ def test_output_schema_metadata_and_summary(sample_run):
     schema = pq.read_schema(part)
     assert schema.remove_metadata() == embeddings_schema(1280)
     meta = read_metadata(schema)
-    assert meta["model"] == "mobilenet_v2_100_224"
-    assert meta["model_source"] == "saved_model"
-    assert len(meta["weights_sha256"]) == 64
-    assert meta["heads"].startswith("one pass")
-    assert '"resize_mode": "stretch"' in meta["preprocessing"]
-    assert meta["project_version"] and meta["labels"] == "imagenet_1001"
+    assert meta.model.model == "mobilenet_v2_100_224"
+    assert meta.model.model_source == "saved_model"
+    assert len(meta.model.weights_sha256) == 64
+    assert meta.model.heads.startswith("one pass")
+    assert meta.preprocessing["resize_mode"] == "stretch"
+    assert meta.project_version and meta.labels == "imagenet_1001"
+    assert meta == read_metadata(pq.read_schema(
+        sorted(sample_run.glob("embeddings/*.parquet"))[-1]))
     assert pq.ParquetFile(part).metadata.row_group(0).column(0).compression == "ZSTD"
     s = summary(sample_run)
     assert s["counts"]["entries_listed"] == 200 and s["counts"]["embedded"] == 200
     assert s["counts"]["failed"] == 0 and s["accounting"]["ok"]
     assert s["counts"]["skipped_not_image_extension"] == 1  # labels.csv
-    assert s["images_per_second"] > 0
+    assert s["images_per_second"] == pytest.approx(
+        (s["counts"]["embedded"] + s["counts"]["failed"]) / s["wall_seconds"],
+        rel=0.01)
 
 
 def test_duckdb_reads_the_output_as_the_readme_shows(sample_run):
@@ -101,13 +105,20 @@ def test_duckdb_reads_the_output_as_the_readme_shows(sample_run):
         WHERE uri LIKE '%ostrich%'""").fetchall()
     assert len(rows) == 1 and rows[0][1] == "ostrich" and rows[0][3] == 1280
     # Nearest neighbours by cosine similarity, straight from SQL.
-    (nearest,) = con.execute(f"""
+    nearest = [r[0] for r in con.execute(f"""
         WITH e AS (SELECT image_id, feature_vector::FLOAT[1280] AS v
                    FROM read_parquet('{sample_run}/embeddings/*.parquet'))
         SELECT b.image_id FROM e a, e b
         WHERE a.image_id LIKE '%ostrich%' AND a.image_id <> b.image_id
-        ORDER BY array_cosine_similarity(a.v, b.v) DESC LIMIT 1""").fetchone()
-    assert nearest.endswith(".JPEG")
+        ORDER BY array_cosine_similarity(a.v, b.v) DESC LIMIT 3""").fetchall()]
+    # The same three by NumPy from the same file.
+    table = read_embeddings(sample_run)
+    ids = table.column("image_id").to_pylist()
+    vectors = matrix(table, "feature_vector")
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    query = next(i for i, name in enumerate(ids) if "ostrich" in name)
+    order = [i for i in np.argsort(-(vectors @ vectors[query])) if i != query]
+    assert nearest == [ids[i] for i in order[:3]]
 
 
 # --- the random source --------------------------------------------------------------
@@ -121,8 +132,8 @@ def test_random_source_runs_small_and_largest(tmp_path, model):
     dim = catalog.get_variant(model).feature_dim
     assert table.schema.remove_metadata() == embeddings_schema(dim)
     meta = read_metadata(table.schema)
-    assert (meta["model"], meta["model_source"], meta["model_handle"]) == (
-        model, "random", "random(seed=0)")
+    assert (meta.model.model, meta.model.model_source,
+            meta.model.model_handle) == (model, "random", "random(seed=0)")
     features = matrix(table, "feature_vector")
     assert features.shape == (table.num_rows, dim) and table.num_rows >= 10
     # Usable for a smoke run: not all zeros, and different images (some of
@@ -236,12 +247,13 @@ def test_cli_empty_glob_is_reported(tmp_path):
 
 
 def test_cli_batch_sizes_are_checked(tmp_path):
-    for sizes in (("--min_batch_size", "0"),
-                  ("--min_batch_size", "8", "--max_batch_size", "4")):
+    for sizes, said in ((("--min_batch_size", "0"), "0 is not a positive integer"),
+                        (("--min_batch_size", "8", "--max_batch_size", "4"),
+                         "need 1 <= min <= max")):
         r = _cli("run", "--input", tmp_path / "*.jpg", "--output", tmp_path / "out",
                  "--model_source", "random", *sizes)
         assert r.returncode == 2, r.stderr
-        assert "need 1 <= min <= max" in r.stderr and "Traceback" not in r.stderr
+        assert said in r.stderr and "Traceback" not in r.stderr
 
 
 def test_default_batch_size_holds_the_pixels_of_16_at_224():
@@ -260,26 +272,36 @@ def test_cli_models_and_schema():
 
 
 def test_local_layouts_split_the_cores_between_processes(monkeypatch):
+    import collections
+
+    import psutil
     from apache_beam.options.pipeline_options import PipelineOptions
-    from pipeline.job import _use_every_core
+
+    from pipeline.job import _process_layout
     from pipeline.options import EmbedOptions
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    memory = collections.namedtuple("memory", "available")
 
-    def layout(*args):
+    def layout(*args, free_gib=64):
+        monkeypatch.setattr(psutil, "virtual_memory",
+                            lambda: memory(free_gib * 2**30))
         argv = ["--output", "x", *args]
         options = PipelineOptions(argv)
         embed = options.view_as(EmbedOptions)
-        _use_every_core(options, embed, argv)
+        in_process = _process_layout(options, embed, argv, "FnApiRunner")
         direct = options.get_all_options()
         return (direct["direct_running_mode"], direct["direct_num_workers"],
-                embed.tf_intra_op_threads, embed.tf_inter_op_threads)
+                embed.tf_intra_op_threads, embed.tf_inter_op_threads, in_process)
 
-    mode, workers, intra, inter = layout()  # default: a process per core
-    assert mode == "multi_processing" and 1 <= workers <= 8
-    assert (intra, inter) == (8 // workers, 1)
+    # Default: a process per core, one TensorFlow thread each.
+    assert layout() == ("multi_processing", 8, 1, 1, False)
+    # Memory for 3 processes of about 1.5 GB: 3 of them, the cores split.
+    assert layout(free_gib=5) == ("multi_processing", 3, 2, 1, False)
+    # Not enough for two: the launcher runs the model itself.
+    assert layout(free_gib=2)[4] is True
     assert layout("--direct_running_mode", "multi_processing",
-                  "--direct_num_workers", "2") == ("multi_processing", 2, 4, 1)
+                  "--direct_num_workers", "2") == ("multi_processing", 2, 4, 1, False)
     assert layout("--direct_running_mode", "multi_processing",
                   "--direct_num_workers", "2", "--tf_intra_op_threads", "3"
-                  )[2:] == (3, 1)
-    assert layout("--direct_running_mode", "in_memory")[2:] == (0, 0)
+                  )[2:4] == (3, 1)
+    assert layout("--direct_running_mode", "in_memory")[2:] == (0, 0, True)

@@ -1,10 +1,13 @@
 """Listing stage: globs and manifests -> one ImageRef per image to embed.
 
 Inputs are listed on the workers (Beam's MatchAll, a manifest read in a
-DoFn), then joined by image_id with the ids already in the output dataset.
-That one shuffle does three jobs: it drops duplicate entries (embedded once,
-counted), skips images a previous run already embedded (resume), and
-redistributes the work so a million files spread over every worker.
+DoFn), then joined by image_id with the ids already in the output dataset
+(its embeddings and its error rows). That one shuffle does four jobs: it
+drops duplicate entries (embedded once, counted), skips images a previous
+run already embedded (resume), names the earlier rows this run supersedes
+(an image in the dataset twice after a killed run; the error row of an
+image listed again or embedded since), and redistributes the work so a
+million files spread over every worker.
 
 Counts leave on the "stats" output as (name, n) pairs for the run summary.
 """
@@ -20,13 +23,12 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from schemas import FailedImage, ImageRef
+from schemas import METRICS_NAMESPACE, FailedImage, ImageRef
+from transforms.dataset import EMBEDDINGS, ERRORS
 from transforms.uris import is_local, redact
 
-NAMESPACE = "mobilenet_embed"
 DEFAULT_EXTENSIONS = ("jpg", "jpeg", "jpe", "mpo", "png", "gif", "bmp", "webp",
                       "tif", "tiff", "ppm", "pgm", "pbm")
-MANIFEST_FORMATS = ("txt", "csv", "parquet")
 _URI_COLUMNS = ("uri", "path", "url", "file")
 _ID_COLUMNS = ("image_id", "id", "key")
 
@@ -36,6 +38,7 @@ DUPLICATES = "duplicates_dropped"  # extra entries with an id seen already
 SKIPPED_EXISTING = "skipped_already_embedded"  # resume
 NOT_IMAGES = "skipped_not_image_extension"  # glob matches filtered out
 TO_EMBED = "images_to_embed"
+COUNTS = (ENTRIES, DUPLICATES, SKIPPED_EXISTING, NOT_IMAGES, TO_EMBED)
 
 
 class ListingError(ValueError):
@@ -194,37 +197,44 @@ def _emit(uri: str, image_id: Optional[str] = None):
 
 
 class _ReadExistingIds(beam.DoFn):
-    """(image_id, file) for every row of an existing embeddings file."""
-    def process(self, path: str):
+    """(image_id, (kind, file)) for every row of an existing part file."""
+    def process(self, part: tuple[str, str]):
         import pyarrow.parquet as pq
+        kind, path = part
         with FileSystems.open(path) as f:
             column = pq.read_table(f, columns=["image_id"]).column(0)
         for image_id in column.to_pylist():
-            yield image_id, path
+            yield image_id, (kind, path)
 
 
 class _Resolve(beam.DoFn):
     """One image_id's listed entries and existing rows -> what to do."""
     def __init__(self):
-        self._listed = Metrics.counter(NAMESPACE, "images_listed")
+        self._listed = Metrics.counter(METRICS_NAMESPACE, "images_listed")
 
     def process(self, element):
         image_id, grouped = element
         entries = list(grouped["listed"])
         uris = sorted({r.uri for r in entries})
         existing = sorted(set(grouped["existing"]))
+        embedded_in = [path for kind, path in existing if kind == EMBEDDINGS]
+        failed_in = [path for kind, path in existing if kind == ERRORS]
         if entries:
             yield beam.pvalue.TaggedOutput(ListImages.STATS,
                                            (ENTRIES, len(entries)))
             if len(entries) > len(uris):  # the same image listed again
                 yield beam.pvalue.TaggedOutput(
                     ListImages.STATS, (DUPLICATES, len(entries) - len(uris)))
-        if len(existing) > 1:
-            # The same image in several files: a retried bundle of a killed
-            # run. Keep the first, have the finalizer drop the others.
-            for path in existing[1:]:
-                yield beam.pvalue.TaggedOutput(ListImages.REDUNDANT,
-                                               (path, image_id))
+        # The same image in several embeddings files: a retried bundle of a
+        # killed run. Keep the first; the finalizer drops the others.
+        for path in embedded_in[1:]:
+            yield beam.pvalue.TaggedOutput(ListImages.REDUNDANT, (path, image_id))
+        # An earlier error row is superseded once the image is embedded or
+        # listed again (it is retried now and gets a new row either way).
+        # Error rows of images this run does not list stay: one per image.
+        superseded = failed_in if (embedded_in or uris) else failed_in[:-1]
+        for path in superseded:  # parts sort by run: the last is the latest
+            yield beam.pvalue.TaggedOutput(ListImages.REDUNDANT, (path, image_id))
         if not uris:
             return
         # Same id, different URIs: the first (sorted) is embedded; the others
@@ -232,8 +242,8 @@ class _Resolve(beam.DoFn):
         for other in uris[1:]:
             yield beam.pvalue.TaggedOutput(ListImages.FAILED, FailedImage(
                 image_id, other, "list", "DuplicateImageId",
-                f"image_id {image_id!r} is also given to {uris[0]}"))
-        if existing:
+                f"image_id {image_id!r} is also given to {redact(uris[0])}"))
+        if embedded_in:
             yield beam.pvalue.TaggedOutput(ListImages.STATS,
                                            (SKIPPED_EXISTING, 1))
             return
@@ -244,16 +254,19 @@ class _Resolve(beam.DoFn):
 
 class ListImages(beam.PTransform):
     """PBegin -> ImageRef (main), FailedImage ("failed"), (name, n) ("stats"),
-    (file, image_id) rows to drop from existing files ("redundant")."""
+    (file, image_id) rows to drop from existing files ("redundant").
+
+    `existing_parts`: (kind, path) of the part files already in the output,
+    kind "embeddings" or "errors"."""
     FAILED, STATS, REDUNDANT = "failed", "stats", "redundant"
 
     def __init__(self, patterns: list[str], manifest: Optional[str],
-                 existing_files: list[str],
+                 existing_parts: list[tuple[str, str]],
                  extensions: Optional[tuple[str, ...]] = DEFAULT_EXTENSIONS):
         super().__init__()
         self._patterns = patterns
         self._manifest = manifest
-        self._existing = existing_files
+        self._existing = existing_parts
         self._extensions = extensions
 
     def expand(self, pbegin):
@@ -282,7 +295,7 @@ class ListImages(beam.PTransform):
         refs = (listed | "AllListed" >> beam.Flatten()
                 | "KeyById" >> beam.Map(lambda r: (r.image_id, r)))
         existing = (p
-                    | "ExistingFiles" >> beam.Create(self._existing)
+                    | "ExistingParts" >> beam.Create(self._existing)
                     | "ExistingIds" >> beam.ParDo(_ReadExistingIds()))
         resolved = ({"listed": refs, "existing": existing}
                     | "JoinById" >> beam.CoGroupByKey()

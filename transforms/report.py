@@ -5,9 +5,9 @@ in a local progress folder (local runners only); the launcher's
 `ProgressMonitor` adds them up and prints one line every couple of seconds.
 Files rather than shared memory, so multi-process local runs report too.
 
-Summary: `Summarize` runs once after every file is committed. It finalizes
-the output (see write.finalize_outputs), checks that every listed image is
-accounted for, and writes run_summary.json.
+Summary: `Summarize` runs once after every file is committed. It has the
+dataset finalize the run (transforms/dataset.py), checks that every listed
+image is accounted for, and writes run_summary.json.
 """
 from __future__ import annotations
 
@@ -19,13 +19,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from typing import Optional
 
 import apache_beam as beam
 
 from transforms import listing
-from transforms.write import (EMBEDDINGS, ERRORS, CommittedFile, OutputLayout,
-                              finalize_outputs, write_json)
+from transforms.dataset import EMBEDDINGS, ERRORS, CommittedFile, Dataset
+
+PROGRESS_PREFIX = "mobilenet_embed_progress_"
 
 
 class ProgressTracker:
@@ -97,7 +97,6 @@ class ProgressMonitor(threading.Thread):
         self._stream = stream or sys.stderr
         self._stop_event = threading.Event()
         self._start = time.monotonic()
-        self.first_row_seconds: Optional[float] = None
 
     def totals(self) -> Counter:
         total: Counter = Counter()
@@ -118,8 +117,6 @@ class ProgressMonitor(threading.Thread):
         counts = self.totals()
         done = counts[EMBEDDINGS] + counts[ERRORS]
         elapsed = time.monotonic() - self._start
-        if done and self.first_row_seconds is None:
-            self.first_row_seconds = elapsed
         rate = done / elapsed if elapsed > 0 else 0.0
         return (f"progress: {done} images done ({counts[EMBEDDINGS]} embedded, "
                 f"{counts[ERRORS]} failed), {rate:.1f} images/s, "
@@ -143,18 +140,28 @@ def _utc_now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def failure_rate(counts: dict) -> float:
+    """Failed over the distinct images this run listed (embedded now, failed
+    now, or already embedded): a re-run of a finished output judges the
+    same images the first run did, not only the ones it retried."""
+    covered = (counts["embedded"] + counts["failed"]
+               + counts[listing.SKIPPED_EXISTING])
+    return counts["failed"] / covered if covered else 0.0
+
+
 class _Summarize(beam.DoFn):
-    def __init__(self, layout: OutputLayout, run_id: str, started_at: float,
+    def __init__(self, dataset: Dataset, run_id: str, started_at: float,
                  header: dict):
-        self._layout = layout
+        self._dataset = dataset
         self._run_id = run_id
         self._started_at = started_at
         self._header = header
 
     def process(self, _, committed, stats, redundant):
         committed = list(committed)
-        cleanup = finalize_outputs(self._layout, self._run_id, committed,
-                                   {path: set(ids) for path, ids in redundant.items()})
+        cleanup = self._dataset.finalize(
+            self._run_id, committed,
+            {path: set(ids) for path, ids in redundant.items()})
         embedded = sum(c.rows for c in committed if c.kind == EMBEDDINGS)
         failures: Counter = Counter()
         for c in committed:
@@ -164,11 +171,8 @@ class _Summarize(beam.DoFn):
         by_stage: Counter = Counter()
         for (stage, _), n in failures.items():
             by_stage[stage] += n
-        counts = {name: int(stats.get(name, 0)) for name in (
-            listing.ENTRIES, listing.DUPLICATES, listing.SKIPPED_EXISTING,
-            listing.TO_EMBED)}
+        counts = {name: int(stats.get(name, 0)) for name in listing.COUNTS}
         counts.update(embedded=embedded, failed=failed)
-        counts[listing.NOT_IMAGES] = int(stats.get(listing.NOT_IMAGES, 0))
         accounted = (counts[listing.DUPLICATES] + counts[listing.SKIPPED_EXISTING]
                      + embedded + failed)
         wall = time.time() - self._started_at
@@ -181,6 +185,11 @@ class _Summarize(beam.DoFn):
             "wall_seconds": round(wall, 2),
             "images_per_second": round((embedded + failed) / wall, 2) if wall else None,
             "counts": counts,
+            "failure_rate": {
+                "value": round(failure_rate(counts), 6),
+                "over": ("the distinct images this run listed: failed / "
+                         "(embedded + failed + skipped_already_embedded)"),
+            },
             "accounting": {
                 "ok": accounted == counts[listing.ENTRIES],
                 "rule": ("entries_listed = duplicates_dropped + "
@@ -190,30 +199,21 @@ class _Summarize(beam.DoFn):
             "failures_by_stage": dict(sorted(by_stage.items())),
             "failures_by_reason": {f"{s}/{c}": n for (s, c), n in
                                    sorted(failures.items())},
-            "dataset_rows": _dataset_rows(self._layout),
+            "dataset_rows": self._dataset.num_rows(EMBEDDINGS),
+            "dataset_error_rows": self._dataset.num_rows(ERRORS),
             "cleanup": cleanup,
         })
-        write_json(self._layout.summary_json, summary)
+        self._dataset.write_summary(summary)
         yield summary
-
-
-def _dataset_rows(layout: OutputLayout) -> int:
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-    total = 0
-    for path in layout.parts(EMBEDDINGS):
-        with FileSystems.open(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 class Summarize(beam.PTransform):
     """(committed files, stats, redundant rows) -> run_summary.json, once."""
 
-    def __init__(self, layout: OutputLayout, run_id: str, started_at: float,
+    def __init__(self, dataset: Dataset, run_id: str, started_at: float,
                  header: dict):
         super().__init__()
-        self._args = (layout, run_id, started_at, header)
+        self._args = (dataset, run_id, started_at, header)
 
     def expand(self, inputs):
         committed, stats, redundant = inputs

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 
+from schemas import NUM_CLASSES
+
 HUB_VERSIONS = (3, 4, 5)
 DEFAULT_HUB_VERSION = 3
 DEFAULT_MODEL = "mobilenet_v2_100_224"
@@ -67,7 +69,7 @@ class Variant:
 
     @property
     def num_classes(self) -> int:
-        return 1001
+        return NUM_CLASSES
 
     def hub_handle(self, head: str, version: int = DEFAULT_HUB_VERSION) -> str:
         if head not in ("classification", "feature_vector"):

@@ -32,6 +32,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from schemas import ModelInfo
 from transforms.model import catalog
 
 LOG = logging.getLogger(__name__)
@@ -119,17 +120,18 @@ class LoadedModel:
         return (np.concatenate([p[0] for p in parts]),
                 np.concatenate([p[1] for p in parts]))
 
-    def metadata(self) -> dict:
-        return _metadata(self.spec, self.weights_sha256, self.heads,
-                         self.feature_dim)
+    def info(self) -> ModelInfo:
+        return _info(self.spec, self.weights_sha256, self.heads,
+                     self.feature_dim)
 
 
-def _metadata(spec: ModelSpec, weights_sha256: str, heads: str,
-              feature_dim: int) -> dict:
+def _info(spec: ModelSpec, weights_sha256: str, heads: str,
+          feature_dim: int) -> ModelInfo:
     """The model's part of the output's metadata."""
-    return {"model": spec.variant, "model_source": spec.source,
-            "model_handle": spec.describe(), "weights_sha256": weights_sha256,
-            "heads": heads, "feature_dim": feature_dim}
+    return ModelInfo(model=spec.variant, model_source=spec.source,
+                     model_handle=spec.describe(),
+                     weights_sha256=weights_sha256, heads=heads,
+                     feature_dim=feature_dim)
 
 
 BATCH_STEP = 8
@@ -335,7 +337,7 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel
 def _load_frozen(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
     """The frozen graph from the cache, else `build()` it; cached only once
     it has passed `_finish`'s checks, so a cache hit is a model known to
-    work (`cached_metadata` relies on that)."""
+    work (`cached_info` relies on that)."""
     frozen = _read_graph(cache)
     fresh = frozen is None
     if fresh:
@@ -358,9 +360,9 @@ def _directories_cache_path(variant, paths: list[str], digest: str) -> str:
                         _key(digest, variant.name, *graphs))
 
 
-def cached_metadata(spec: ModelSpec, paths: Optional[list[str]] = None
-                    ) -> Optional[dict]:
-    """What `load_model(spec).metadata()` gives, read from the on-disk cache
+def cached_info(spec: ModelSpec, paths: Optional[list[str]] = None
+                ) -> Optional[ModelInfo]:
+    """What `load_model(spec).info()` gives, read from the on-disk cache
     of frozen graphs without building or running the model; None where the
     cache does not hold it yet.
 
@@ -393,7 +395,7 @@ def cached_metadata(spec: ModelSpec, paths: Optional[list[str]] = None
         return None
     if digest is not None and weights != digest:
         return None
-    return _metadata(spec, weights, note, variant.feature_dim)
+    return _info(spec, weights, note, variant.feature_dim)
 
 
 def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
@@ -441,7 +443,7 @@ def _key(*parts: str) -> str:
 
 def _version(module: str) -> str:
     """A package's version without importing it (importing TensorFlow takes
-    seconds; `cached_metadata` must not)."""
+    seconds; `cached_info` must not)."""
     import importlib.metadata
     names = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-intel",
                             "tf-nightly")}.get(module, (module,))
