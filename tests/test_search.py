@@ -18,7 +18,7 @@ from pipeline.search.dedup import clusters, find_duplicates, near_pairs
 from pipeline.search.index import GIB, INDEX_INFOS
 from pipeline.search_cli import (dedup_main, export_main, index_main,
                                  query_main)
-from tests.jobs import matrix, read_embeddings, run_job, sample_photos
+from jobs import matrix, read_embeddings, run_job, sample_photos
 
 
 def clustered(n: int, d: int = 64, centers: int = 50, spread: float = 0.6,

@@ -21,9 +21,9 @@ from PIL import Image
 from pipeline.search import SearchIndex
 from pipeline.search.dedup import DEFAULT_THRESHOLD
 from pipeline.search_cli import dedup_main, index_main, query_main
-from tests.jobs import matrix, read_embeddings, run_job
-from tests.paths import SAMPLE, SHARED_MODEL, needs_shared
-from tests.search_copies import HARD, MILD, TRANSFORMS, source_and_transform, write_copies
+from jobs import matrix, read_embeddings, run_job
+from paths import SAMPLE, SHARED_MODEL, needs_shared
+from search_copies import HARD, MILD, TRANSFORMS, source_and_transform, write_copies
 
 pytestmark = needs_shared
 REPORT: dict = {}

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.search_cli import dedup_main, gallery_main, index_main
-from tests.jobs import run_job, sample_photos
+from jobs import run_job, sample_photos
 
 
 def chromium() -> str | None:
