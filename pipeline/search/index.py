@@ -64,9 +64,12 @@ RECALL_K = 10
 RECALL_QUERIES = 1000
 LATENCY_QUERIES = 200
 TRAIN_POINTS_PER_LIST = 40  # faiss warns under 39 training points per list
-NPROBE_GRID = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384,
-               512, 768, 1024, 2048, 4096, 8192)
-EF_SEARCH_GRID = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048)
+# Steps of about 25%: the cost of a search grows with nprobe/efSearch, so the
+# first value that reaches the target should not overshoot it by much.
+NPROBE_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96,
+               128, 160, 192, 256, 320, 384, 512, 768, 1024, 2048, 4096, 8192)
+EF_SEARCH_GRID = (16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384,
+                  512, 1024, 2048)
 
 
 # --- choosing ------------------------------------------------------------------
@@ -201,7 +204,7 @@ class SearchIndex:
     rows per query with cosine similarities, best first."""
 
     def __init__(self, index: faiss.Index, image_ids: pa.Array, uris: pa.Array,
-                 infos: dict, rerank_vectors: Optional[np.ndarray] = None):
+                 infos: dict, rerank_vectors: Optional["RowReader"] = None):
         self.index = index
         self.image_ids = image_ids
         self.uris = uris
@@ -237,8 +240,7 @@ class SearchIndex:
                               "build it again with `mobilenet-embed index`") from None
         vectors = None
         if infos.get("rerank"):
-            vectors = np.memmap(os.path.join(files, "vectors.f32"), dtype=np.float32,
-                                mode="r", shape=(index.ntotal, index.d))
+            vectors = RowReader(os.path.join(files, "vectors.f32"), index.d)
         return cls(index, rows.column("image_id").combine_chunks(),
                    rows.column("uri").combine_chunks(), infos, vectors)
 
@@ -281,21 +283,44 @@ class SearchIndex:
         return {v: i for i, v in enumerate(self.image_ids.to_pylist()) if v in wanted}
 
 
-def _rerank(queries: np.ndarray, found: np.ndarray, vectors: np.ndarray, k: int
+class RowReader:
+    """Rows of a float32 [n, d] file on disk, read with pread: re-ranking
+    touches a few rows per query, and (unlike a memory map, whose read-ahead
+    maps whole neighbourhoods into the process) only those are read."""
+
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim = path, dim
+        self.row_bytes = 4 * dim
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), np.float32)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(os.pread(self.fd, self.row_bytes, int(r) * self.row_bytes),
+                                   np.float32)
+        return out
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+
+def _rerank(queries: np.ndarray, found: np.ndarray, vectors: RowReader, k: int
             ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact scores for the candidates (read from the on-disk vectors), best k."""
+    """Exact scores for the candidates (read from the vectors on disk), best k."""
     n = len(queries)
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     rows = np.full((n, k), -1, dtype=np.int64)
     for i in range(n):
-        cand = found[i][found[i] >= 0]
+        cand = np.unique(found[i][found[i] >= 0])  # sorted: sequential reads
         if not len(cand):
             continue
-        order = np.argsort(cand)  # sequential reads from the memory map
-        exact = vectors[cand[order]] @ queries[i]
+        exact = vectors.rows(cand) @ queries[i]
         best = np.argsort(-exact, kind="stable")[:k]
         scores[i, :len(best)] = exact[best]
-        rows[i, :len(best)] = cand[order][best]
+        rows[i, :len(best)] = cand[best]
     return scores, rows
 
 
@@ -517,8 +542,7 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
                     .column("uri").to_pylist() if incremental else []) + new_uris
         rows_table = pa.table({"image_id": pa.array(all_ids, pa.string()),
                                "uri": pa.array(all_uris, pa.string())})
-        rerank_vectors = (np.memmap(vectors_file, dtype=np.float32, mode="r", shape=(n, d))
-                          if vectors_file else None)
+        rerank_vectors = RowReader(vectors_file, d) if vectors_file else None
         rerank = {"exact": True, "candidates_per_k": _candidates_per_k(choice.key)} \
             if choice.rerank else None
         opened = SearchIndex(index, rows_table.column("image_id").combine_chunks(),
@@ -526,6 +550,7 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
                              {"rerank": rerank}, rerank_vectors)
 
         # Tune and measure.
+        progress(f"measuring recall@10 against exact search; tuning to {target_recall}")
         t = time.perf_counter()
         gt_scores, gt_rows = exact.result()
         opened.infos["index_key"] = choice.key
