@@ -32,6 +32,7 @@ INSTALL_REQUIRES = [
     "simplejpeg>=1.7,<2",  # libjpeg-turbo's M/8 DCT scaling for plain JPEGs
     "google-cloud-storage>=2.14",
     "psutil>=5.9",  # local runs size their worker processes by free memory
+    "faiss-cpu>=1.9,<2",  # mobilenet-embed index/query/dedup (pipeline/search)
 ]
 
 EXTRAS = {

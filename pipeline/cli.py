@@ -7,6 +7,14 @@
                                       download a TF-Hub module (and stage it)
   mobilenet-embed show OUTPUT [--limit N]
                                       a look at an output: summary and rows
+  mobilenet-embed index OUTPUT        a similarity index, recall measured
+  mobilenet-embed query OUTPUT --image P | --id ID | --manifest F [--k 10]
+                                      nearest neighbours of images or rows
+  mobilenet-embed dedup OUTPUT        exact and near-duplicate pairs, clusters
+  mobilenet-embed gallery OUTPUT --to page.html
+                                      neighbours and duplicates, in a browser
+  mobilenet-embed export OUTPUT --format vertex --to DIR
+                                      vectors for a vector store
 
 Exit codes: 0 done; 1 more failures than --max_failure_rate (outputs are
 written); 2 a problem with the command (bad option, unknown model, model not
@@ -38,7 +46,7 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("apache_beam", "tensorflow", "absl", "urllib3", "google",
-                  "h5py", "keras"):
+                  "h5py", "keras", "faiss", "tf2onnx", "onnxruntime"):
         logging.getLogger(noisy).setLevel(logging.INFO if verbose
                                           else logging.ERROR)
     for handler in logging.getLogger().handlers:
@@ -124,8 +132,17 @@ _BOOLEANS = {"true": True, "1": True, "yes": True,
              "false": False, "0": False, "no": False}
 
 
+def _search(name: str):
+    def command(argv: list[str]) -> int:
+        from pipeline import search_cli
+        return getattr(search_cli, f"{name}_main")(argv)
+    return command
+
+
 COMMANDS = {"run": _run, "models": _models, "schema": _schema,
-            "fetch-model": _fetch_model, "show": _show}
+            "fetch-model": _fetch_model, "show": _show,
+            **{name: _search(name) for name in ("index", "query", "dedup",
+                                                "gallery", "export")}}
 
 
 def main(argv: list[str] | None = None) -> int:

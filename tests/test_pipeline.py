@@ -305,3 +305,22 @@ def test_local_layouts_split_the_cores_between_processes(monkeypatch):
                   "--direct_num_workers", "2", "--tf_intra_op_threads", "3"
                   )[2:4] == (3, 1)
     assert layout("--direct_running_mode", "in_memory")[2:] == (0, 0, True)
+
+
+def test_search_commands_are_wired_into_the_console_script(tmp_path):
+    out = tmp_path / "out"
+    assert run_job("--input", sample_photos() / "*.png", "--output", out,
+                   "--model", "mobilenet_v2_035_96", "--model_source", "random") == 0
+    r = _cli("index", out)
+    assert r.returncode == 0, r.stderr
+    assert (out / "index" / "index_infos.json").exists()
+    target = read_embeddings(out).column("image_id").to_pylist()[0]
+    r = _cli("query", out, "--id", target, "--k", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    import json
+    (answer,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert answer["query"] == target and len(answer["neighbors"]) == 2
+    r = _cli("query", out, "--id", target, "--k", "0")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: ")
+    r = _cli("dedup", tmp_path / "nowhere")
+    assert r.returncode == 2 and "does not exist" in r.stderr

@@ -1,0 +1,43 @@
+"""The dataset-level calls the commands make (and a notebook can)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from pipeline.search.dedup import (DEFAULT_THRESHOLD, Duplicates, check_threshold,
+                                   find_duplicates)
+from pipeline.search.errors import SearchError
+from pipeline.search.index import DEFAULT_MAX_MEMORY, LOG, SearchIndex, build_index
+from pipeline.search.query import Searcher, default_index_dir, open_search
+from pipeline.search.source import DatasetVectors
+
+
+def build_dataset_index(output: str, to: Optional[str] = None, index_key: str = "auto",
+                        max_memory: int = DEFAULT_MAX_MEMORY, target_recall: float = 0.95,
+                        rebuild: bool = False,
+                        progress: Callable[[str], None] = LOG.info) -> dict:
+    dataset = DatasetVectors(output)
+    return build_index(dataset, to or default_index_dir(dataset), index_key=index_key,
+                       max_memory=max_memory, target_recall=target_recall,
+                       rebuild=rebuild, progress=progress)
+
+
+def _digests(dataset: DatasetVectors):
+    for batch in dataset.iter_columns(["image_id", "content_sha256",
+                                       "original_width", "original_height"]):
+        ids, digests, w, h = (batch.column(i).to_pylist() for i in range(4))
+        for image_id, digest, width, height in zip(ids, digests, w, h):
+            yield image_id, digest, (width or 0) * (height or 0)
+
+
+def find_dataset_duplicates(output: str, threshold: float = DEFAULT_THRESHOLD,
+                            index_dir: Optional[str] = None) -> Duplicates:
+    threshold = check_threshold(threshold)
+    searcher: Searcher = open_search(output, index_dir)
+    if searcher.stale:
+        raise SearchError(searcher.stale)
+    return find_duplicates(searcher.index, searcher.dataset, _digests(searcher.dataset),
+                           threshold)
+
+
+__all__ = ["build_dataset_index", "find_dataset_duplicates", "open_search",
+           "SearchIndex"]

@@ -1,0 +1,771 @@
+"""Build, tune, measure and open a faiss index of a dataset's feature vectors.
+
+Vectors are L2-normalized and searched by inner product, so every score is a
+cosine similarity in [-1, 1]. `build_index` picks the index type from the
+row count and a memory budget (`choose_index`), streams the vectors in twice
+(a sample for training and recall queries, then everything), measures
+recall@1 and recall@10 against exact search on held-out queries, tunes
+nprobe / efSearch until recall@10 reaches the target, times single queries,
+and commits the files atomically: they go into a fresh folder and
+`index_infos.json`, written last, names it.
+
+Layout of DIR (default OUT/index):
+    index_infos.json      what was built, how, and what it measured
+    <build_id>/index.faiss
+    <build_id>/rows.parquet   row -> image_id, uri (faiss labels are rows)
+    <build_id>/vectors.f32    float32 [rows, d], only for compressed indexes:
+                              candidates are re-ranked on the exact vectors
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Callable, Optional
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.search.errors import SearchError
+from pipeline.search.vectors import VectorSource, normalize
+
+LOG = logging.getLogger(__name__)
+
+INDEX_INFOS = "index_infos.json"
+FORMAT_VERSION = 1
+METRIC = "inner product on L2-normalized float32 vectors (cosine similarity)"
+
+# auto's thresholds. Exact search over 20k x 1280 floats is ~2 ms a query;
+# HNSW beyond ~200k rows takes too long to build on a small machine
+# (measured: benchmarks/search_bench.py, docs/search.md); IVF lists of
+# about sqrt(N) rows keep both training and probing cheap.
+FLAT_MAX_ROWS = 20_000
+HNSW_MAX_ROWS = 200_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 40
+GIB = 1 << 30
+# Share of --max_memory for the index itself; the rest covers building it
+# (training sample, a batch, recall queries) and the process (the benchmark
+# records the peak: docs/search.md).
+INDEX_SHARE = 0.7
+DEFAULT_MAX_MEMORY = 8 * GIB
+RECALL_K = 10
+RECALL_QUERIES = 1000
+LATENCY_QUERIES = 200
+TRAIN_POINTS_PER_LIST = 40  # faiss warns under 39 training points per list
+# Steps of about 25%: the cost of a search grows with nprobe/efSearch, so the
+# first value that reaches the target should not overshoot it by much.
+NPROBE_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96,
+               128, 160, 192, 256, 320, 384, 512, 768, 1024, 2048, 4096, 8192)
+EF_SEARCH_GRID = (16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256, 384,
+                  512, 1024, 2048)
+
+
+# --- choosing ------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'8G', '8GiB', '512M', '1.5g', '1000000' -> bytes (powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise SearchError(f"--max_memory {text!r} is not a size (e.g. 8G, 512M)")
+    value = float(match.group(1)) * 1024 ** "_kmgt".index(
+        (match.group(2) or "_").lower())
+    if value < 1:
+        raise SearchError(f"--max_memory {text!r} must be positive")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    key: str  # a faiss index_factory string
+    rerank: bool  # compressed codes: re-rank candidates on the exact vectors
+    reason: str
+    estimated_bytes: int
+
+
+def ivf_lists(n: int) -> int:
+    """About sqrt(n) lists (a power of two), at least 40 training points each."""
+    nlist = 1 << max(4, round(math.log2(max(1.0, math.sqrt(n)))))
+    while nlist > 16 and nlist * TRAIN_POINTS_PER_LIST > n:
+        nlist //= 2
+    return nlist
+
+
+def estimate_bytes(key: str, n: int, d: int) -> int:
+    """Memory the index holds once built (the part that grows with n)."""
+    ids = 8 * n  # IVF list ids / HNSW levels, roughly
+    if key == "Flat":
+        return 4 * d * n
+    if key.startswith("HNSW"):
+        m = int(re.match(r"HNSW(\d+)", key).group(1))
+        return 4 * d * n + 2 * m * 4 * n + ids
+    nlist = int(re.match(r"IVF(\d+)", key).group(1)) if key.startswith("IVF") else 0
+    centroids = 4 * d * nlist
+    if key.endswith(",Flat"):
+        return 4 * d * n + ids + centroids
+    if key.endswith(",SQ8"):
+        return d * n + ids + centroids
+    pq_match = re.search(r",PQ(\d+)", key)
+    if pq_match:
+        m = int(pq_match.group(1))
+        return m * n + ids + centroids + 4 * d * 256
+    return 4 * d * n  # unknown: assume full vectors
+
+
+def choose_index(n: int, d: int, max_memory: int = DEFAULT_MAX_MEMORY) -> Choice:
+    """auto: exact search while it is cheap, a graph while it builds fast
+    enough, then inverted lists over 8-bit codes whose candidates are
+    re-ranked on the exact vectors (kept on disk), and product-quantized
+    codes when even 8-bit codes do not fit `max_memory`.
+
+    Inverted lists over the full float vectors (IVF…,Flat) are not chosen:
+    measured on 1M x 1280 (benchmarks/search.py, docs/search.md), 8-bit codes
+    with exact re-ranking reached the same recall with half the single-query
+    latency and a third of the peak memory, in about the same build time.
+    INDEX_SHARE of the budget goes to the index; the rest covers building it
+    (training sample, a batch, recall queries) and the process itself."""
+    budget = int(max_memory * INDEX_SHARE)
+    need = estimate_bytes("Flat", n, d)
+    if n <= FLAT_MAX_ROWS and need <= budget:
+        return Choice("Flat", False, f"{n} rows <= {FLAT_MAX_ROWS}: exact search", need)
+    key = f"HNSW{HNSW_M},Flat"
+    need = estimate_bytes(key, n, d)
+    if n <= HNSW_MAX_ROWS and need <= budget:
+        return Choice(key, False, f"{n} rows <= {HNSW_MAX_ROWS}: graph (HNSW)", need)
+    nlist = ivf_lists(n)
+    key = f"IVF{nlist},SQ8"
+    need = estimate_bytes(key, n, d)
+    if need <= budget:
+        return Choice(key, True, f"{n} rows: inverted lists of 8-bit codes, re-ranked "
+                      f"on the exact vectors on disk ({_gib(need)} of a {_gib(budget)} "
+                      "index budget)", need)
+    m = _pq_subquantizers(d)
+    key = f"IVF{nlist},PQ{m}"
+    need = estimate_bytes(key, n, d)
+    if need <= budget:
+        return Choice(key, True, f"8-bit codes exceed the index budget {_gib(budget)}: "
+                      f"{m}-byte product-quantized codes, re-ranked on the exact "
+                      "vectors on disk", need)
+    raise SearchError(f"{n} vectors of {d} dims do not fit --max_memory "
+                      f"{_gib(max_memory)} even as {m}-byte codes ({_gib(need)} "
+                      f"for the index, {INDEX_SHARE:.0%} of the budget); raise --max_memory")
+
+
+def _pq_subquantizers(d: int) -> int:
+    for m in (d // 8, d // 10, d // 16, 64, 32, 16, 8):
+        if m and d % m == 0:
+            return m
+    return 8
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.2f} GiB"
+
+
+def _is_compressed(key: str) -> bool:
+    return bool(re.search(r"(^|,)(PQ|SQ|LSH|OPQ|RQ|LSQ)", key))
+
+
+def _checked_key(key: str, d: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+    except Exception as e:  # faiss raises RuntimeError with a C++ trace
+        first = str(e).strip().splitlines()
+        raise SearchError(f"--index_key {key!r} is not a faiss index factory "
+                          f"string for {d} dims ({first[-1][:200] if first else type(e).__name__})"
+                          ) from None
+
+
+# --- the opened index ------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Neighbor:
+    image_id: str
+    uri: str
+    score: float  # cosine similarity
+    row: int
+
+
+class SearchIndex:
+    """An index opened for search: `search(vectors, k)` returns the k best
+    rows per query with cosine similarities, best first."""
+
+    def __init__(self, index: faiss.Index, image_ids: pa.Array, uris: pa.Array,
+                 infos: dict, rerank_vectors: Optional["RowReader"] = None):
+        self.index = index
+        self.image_ids = image_ids
+        self.uris = uris
+        self.infos = infos
+        self.rerank_vectors = rerank_vectors
+        self.params = dict(infos.get("search_parameters") or {})
+        self.candidates_per_k = (infos.get("rerank") or {}).get("candidates_per_k", 1)
+        self._apply(self.params)
+
+    @property
+    def ntotal(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @classmethod
+    def open(cls, folder: str) -> "SearchIndex":
+        """The index committed in `folder` (local or gs://)."""
+        local = _local_folder(folder)
+        infos = read_infos(local)
+        if infos is None:
+            raise SearchError(f"no index in {folder} ({INDEX_INFOS} is missing); "
+                              "build one with `mobilenet-embed index OUT`")
+        files = os.path.join(local, infos["files"])
+        try:
+            index = faiss.read_index(os.path.join(files, "index.faiss"))
+            rows = pq.read_table(os.path.join(files, "rows.parquet"))
+        except Exception as e:  # pylint: disable=broad-except
+            raise SearchError(f"the index in {folder} cannot be read "
+                              f"({type(e).__name__}: {str(e).strip()[:200]}); "
+                              "build it again with `mobilenet-embed index`") from None
+        vectors = None
+        if infos.get("rerank"):
+            vectors = RowReader(os.path.join(files, "vectors.f32"), index.d)
+        return cls(index, rows.column("image_id").combine_chunks(),
+                   rows.column("uri").combine_chunks(), infos, vectors)
+
+    def _apply(self, params: dict) -> None:
+        space = faiss.ParameterSpace()
+        for name, value in params.items():
+            if name == "candidates_per_k":
+                self.candidates_per_k = int(value)
+            else:
+                space.set_index_parameter(self.index, name, value)
+
+    def search_rows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, rows), each [n, k']: k' = min(k, rows in the index);
+        rows are -1 where fewer were found (an IVF probing empty lists)."""
+        if k < 1:
+            raise SearchError(f"k must be at least 1, got {k}")
+        queries = normalize(vectors)
+        if queries.shape[1] != self.dim:
+            raise SearchError(f"query vectors have {queries.shape[1]} dims, the "
+                              f"index has {self.dim}")
+        k = min(k, self.ntotal)
+        if "efSearch" in self.params:
+            faiss.ParameterSpace().set_index_parameter(
+                self.index, "efSearch", max(int(self.params["efSearch"]), k))
+        if self.rerank_vectors is None:
+            scores, rows = self.index.search(queries, k)
+            return scores, rows
+        candidates = min(self.ntotal, k * max(1, self.candidates_per_k))
+        _, found = self.index.search(queries, candidates)
+        return _rerank(queries, found, self.rerank_vectors, k)
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+        scores, rows = self.search_rows(vectors, k)
+        return [[Neighbor(self.image_ids[r].as_py(), self.uris[r].as_py(),
+                          float(s), int(r)) for s, r in zip(srow, rrow) if r >= 0]
+                for srow, rrow in zip(scores, rows)]
+
+    def row_of(self, image_ids: list[str]) -> dict[str, int]:
+        wanted = set(image_ids)
+        return {v: i for i, v in enumerate(self.image_ids.to_pylist()) if v in wanted}
+
+
+class RowReader:
+    """Rows of a float32 [n, d] file on disk, read with pread: re-ranking
+    touches a few rows per query, and (unlike a memory map, whose read-ahead
+    maps whole neighbourhoods into the process) only those are read."""
+
+    def __init__(self, path: str, dim: int):
+        self.path, self.dim = path, dim
+        self.row_bytes = 4 * dim
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), self.dim), np.float32)
+        for i, r in enumerate(rows):
+            out[i] = np.frombuffer(os.pread(self.fd, self.row_bytes, int(r) * self.row_bytes),
+                                   np.float32)
+        return out
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError):
+            pass
+
+
+def _rerank(queries: np.ndarray, found: np.ndarray, vectors: RowReader, k: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Exact scores for the candidates (read from the vectors on disk), best k."""
+    n = len(queries)
+    scores = np.full((n, k), -np.inf, dtype=np.float32)
+    rows = np.full((n, k), -1, dtype=np.int64)
+    for i in range(n):
+        cand = np.unique(found[i][found[i] >= 0])  # sorted: sequential reads
+        if not len(cand):
+            continue
+        exact = vectors.rows(cand) @ queries[i]
+        best = np.argsort(-exact, kind="stable")[:k]
+        scores[i, :len(best)] = exact[best]
+        rows[i, :len(best)] = cand[best]
+    return scores, rows
+
+
+# --- files ---------------------------------------------------------------------
+
+def read_infos(folder: str) -> Optional[dict]:
+    path = os.path.join(folder, INDEX_INFOS)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            infos = json.load(f)
+        infos["files"]  # pylint: disable=pointless-statement
+        return infos
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SearchError(f"{path} cannot be read ({type(e).__name__}); delete "
+                          f"{folder} and build the index again") from None
+
+
+def _write_json_atomic(path: str, payload: dict) -> None:
+    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+_DOWNLOADED: dict[str, str] = {}
+
+
+def _local_folder(folder: str) -> str:
+    """A local copy of a gs:// index folder (downloaded once per process)."""
+    if not _is_remote(folder):
+        return folder
+    if folder in _DOWNLOADED:
+        return _DOWNLOADED[folder]
+    from apache_beam.io.filesystems import FileSystems
+    local = tempfile.mkdtemp(prefix="mobilenet-embed-index-")
+    infos_uri = folder.rstrip("/") + "/" + INDEX_INFOS
+    if not FileSystems.exists(infos_uri):
+        raise SearchError(f"no index in {folder} ({INDEX_INFOS} is missing); "
+                          "build one with `mobilenet-embed index OUT`")
+    _copy_uri(infos_uri, os.path.join(local, INDEX_INFOS))
+    infos = read_infos(local)
+    os.makedirs(os.path.join(local, infos["files"]))
+    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/*"])[0].metadata_list:
+        _copy_uri(m.path, os.path.join(local, infos["files"], m.path.rsplit("/", 1)[-1]))
+    _DOWNLOADED[folder] = local
+    return local
+
+
+def _copy_uri(source: str, target: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+    if _is_remote(target):
+        with open(source, "rb") as src, FileSystems.create(target) as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+    else:
+        with FileSystems.open(source) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 24)
+
+
+# --- building --------------------------------------------------------------------
+
+def build_index(source: VectorSource, to: str, index_key: str = "auto",
+                max_memory: int = DEFAULT_MAX_MEMORY, target_recall: float = 0.95,
+                rebuild: bool = False, recall_queries: int = RECALL_QUERIES,
+                batch_size: int = 8192, seed: int = 0,
+                progress: Callable[[str], None] = LOG.info) -> dict:
+    """Index every row of `source` into the folder `to`; returns the infos.
+
+    Where `to` already holds an index of the same vectors' maker and kind,
+    only rows not in it are added (a resumed run); an index of another
+    model is refused unless `rebuild`.
+    """
+    if not 0 < target_recall <= 1:
+        raise SearchError(f"--target_recall must be in (0, 1], got {target_recall}")
+    started = time.perf_counter()
+    times: dict[str, float] = {}
+    n, d = source.num_rows(), source.dim
+    if n == 0:
+        raise SearchError("the dataset has no rows to index")
+    identity = source.identity()
+    remote = _is_remote(to)
+    work = tempfile.mkdtemp(prefix="mobilenet-embed-index-") if remote else to
+    os.makedirs(work, exist_ok=True)
+    existing = None if rebuild else read_infos(_local_folder(to) if remote and _exists_remote(to) else work)
+    if existing is not None and existing.get("identity") != identity:
+        raise SearchError(
+            f"the index in {to} was built from other vectors "
+            f"({_identity_differences(existing.get('identity') or {}, identity)}); "
+            "pass --rebuild to replace it, or --to another folder")
+
+    if index_key == "auto":
+        choice = choose_index(n, d, max_memory)
+        if existing is not None and _family(existing["index_key"]) == _family(choice.key):
+            # Keep the trained quantizer of a grown dataset: rows are added.
+            choice = dataclasses.replace(choice, key=existing["index_key"])
+    else:
+        _checked_key(index_key, d)
+        choice = Choice(index_key, _is_compressed(index_key), "--index_key",
+                        estimate_bytes(index_key, n, d))
+    incremental = existing is not None and existing["index_key"] == choice.key
+    old_rows: dict[str, int] = {}
+    if incremental:
+        old_files = os.path.join(_local_folder(to) if remote else work, existing["files"])
+        old_ids = pq.read_table(os.path.join(old_files, "rows.parquet"),
+                                columns=["image_id"]).column("image_id").to_pylist()
+        old_rows = {v: i for i, v in enumerate(old_ids)}
+
+    # Pass 1: the training sample and the recall queries (rows drawn at random).
+    t = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    num_queries = min(recall_queries, n)
+    query_pos = np.sort(rng.choice(n, num_queries, replace=False))
+    template = _checked_key(choice.key, d)
+    ntrain = 0
+    if not template.is_trained and not incremental:
+        ntrain = min(n, _training_points(choice.key, n))
+    train_pos = np.sort(rng.choice(n, ntrain, replace=False)) if ntrain else np.empty(0, np.int64)
+    queries = np.empty((num_queries, d), np.float32)
+    query_ids: list[str] = []
+    train = np.empty((ntrain, d), np.float32)
+    seen_old = 0
+    pos = 0
+    for ids, _, vecs in source.batches(batch_size):
+        if vecs.shape[1] != d:
+            raise SearchError(f"vectors have {vecs.shape[1]} dims, expected {d}")
+        stop = pos + len(ids)
+        for target, wanted in ((queries, query_pos), (train, train_pos)):
+            lo, hi = np.searchsorted(wanted, [pos, stop])
+            if hi > lo:
+                target[lo:hi] = vecs[wanted[lo:hi] - pos]
+        lo, hi = np.searchsorted(query_pos, [pos, stop])
+        query_ids.extend(ids[p - pos] for p in query_pos[lo:hi])
+        if old_rows:
+            seen_old += sum(1 for i in ids if i in old_rows)
+        pos = stop
+    if pos != n:
+        raise SearchError(f"the dataset changed while it was read ({pos} rows, "
+                          f"{n} expected); run index again")
+    if incremental and seen_old != len(old_rows):
+        progress(f"{len(old_rows) - seen_old} indexed rows are no longer in the "
+                 "dataset: building the index again")
+        incremental, old_rows = False, {}
+        if not template.is_trained:
+            ntrain = min(n, _training_points(choice.key, n))
+            train = _sample_again(source, rng, n, ntrain, d, batch_size)
+    times["sample_s"] = time.perf_counter() - t
+
+    build_id = f"build-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    files = os.path.join(work, build_id)
+    os.makedirs(files)
+    try:
+        t = time.perf_counter()
+        if incremental:
+            progress(f"adding to the existing {choice.key} index of {len(old_rows)} rows")
+            index = faiss.read_index(os.path.join(old_files, "index.faiss"))
+        else:
+            index = template
+            if ntrain:
+                progress(f"training {choice.key} on {ntrain} vectors")
+                index.train(train)
+        del train
+        times["train_s"] = time.perf_counter() - t
+
+        # Pass 2: add new rows; exact top-k of the queries over every row.
+        t = time.perf_counter()
+        progress(f"adding {n - len(old_rows)} vectors to {choice.key} "
+                 f"({'incremental' if incremental else 'new'}), "
+                 f"exact search of {num_queries} recall queries alongside")
+        exact = _ExactTopK(queries, RECALL_K + 1)
+        new_ids: list[str] = []
+        new_uris: list[str] = []
+        vectors_file = None
+        if choice.rerank:
+            vectors_file = os.path.join(files, "vectors.f32")
+            if incremental:
+                shutil.copyfile(os.path.join(old_files, "vectors.f32"), vectors_file)
+            out_vectors = open(vectors_file, "ab")
+        next_row = len(old_rows)
+        query_rows = np.full(num_queries, -1, np.int64)
+        query_index = {q: i for i, q in enumerate(query_ids)}
+        for ids, uris, vecs in source.batches(batch_size):
+            rows = np.empty(len(ids), np.int64)
+            new = np.ones(len(ids), bool)
+            for j, image_id in enumerate(ids):
+                old = old_rows.get(image_id)
+                if old is None:
+                    rows[j] = next_row
+                    next_row += 1
+                else:
+                    rows[j], new[j] = old, False
+                q = query_index.get(image_id)
+                if q is not None:
+                    query_rows[q] = rows[j]
+            if new.any():
+                fresh = np.ascontiguousarray(vecs[new])
+                index.add(fresh)
+                if vectors_file:
+                    out_vectors.write(fresh.tobytes())
+                new_ids.extend(i for i, f in zip(ids, new) if f)
+                new_uris.extend(u for u, f in zip(uris, new) if f)
+            exact.update(vecs, rows)
+        if vectors_file:
+            out_vectors.close()
+        if index.ntotal != n:
+            raise SearchError(f"the dataset changed while it was indexed "
+                              f"({index.ntotal} rows indexed, {n} expected); run index again")
+        times["add_s"] = time.perf_counter() - t
+
+        all_ids = (list(old_rows) if incremental else []) + new_ids
+        all_uris = (pq.read_table(os.path.join(old_files, "rows.parquet"), columns=["uri"])
+                    .column("uri").to_pylist() if incremental else []) + new_uris
+        rows_table = pa.table({"image_id": pa.array(all_ids, pa.string()),
+                               "uri": pa.array(all_uris, pa.string())})
+        rerank_vectors = RowReader(vectors_file, d) if vectors_file else None
+        rerank = {"exact": True, "candidates_per_k": _candidates_per_k(choice.key)} \
+            if choice.rerank else None
+        opened = SearchIndex(index, rows_table.column("image_id").combine_chunks(),
+                             rows_table.column("uri").combine_chunks(),
+                             {"rerank": rerank}, rerank_vectors)
+
+        # Tune and measure.
+        progress(f"measuring recall@10 against exact search; tuning to {target_recall}")
+        t = time.perf_counter()
+        gt_scores, gt_rows = exact.result()
+        opened.infos["index_key"] = choice.key
+        params, tuning, recall = _tune(opened, queries, query_rows, gt_scores,
+                                       gt_rows, target_recall)
+        times["tune_s"] = time.perf_counter() - t
+        latency = _latency(opened, queries)
+
+        faiss.write_index(index, os.path.join(files, "index.faiss"))
+        pq.write_table(rows_table, os.path.join(files, "rows.parquet"))
+        times["total_s"] = time.perf_counter() - started
+        size = sum(os.path.getsize(os.path.join(files, f)) for f in os.listdir(files))
+        infos = {
+            "format_version": FORMAT_VERSION,
+            "files": build_id,
+            "index_key": choice.key,
+            "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
+            "metric": METRIC,
+            "rerank": rerank,
+            "search_parameters": params,
+            "target_recall_at_10": target_recall,
+            "target_met": recall["recall_at_10"] >= target_recall,
+            "recall_at_1": recall["recall_at_1"],
+            "recall_at_10": recall["recall_at_10"],
+            "recall_queries": num_queries,
+            "recall_method": ("held-out rows of the dataset as queries (each "
+                              "excluded from its own results), against exact "
+                              "inner-product search over every row; a neighbour "
+                              "counts when its score reaches the exact k-th score"),
+            "tuning": tuning,
+            "latency_ms": latency,
+            "rows": n,
+            "rows_added": len(new_ids),
+            "incremental": incremental,
+            "dimension": d,
+            "identity": identity,
+            "model": identity.get("model"),
+            "weights_sha256": identity.get("weights_sha256"),
+            "build_seconds": {k: round(v, 3) for k, v in times.items()},
+            "size_on_disk_bytes": size,
+            "estimated_index_memory_bytes": choice.estimated_bytes,
+            "max_memory_bytes": max_memory,
+            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "faiss_version": faiss.__version__,
+            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        _write_json_atomic(os.path.join(files, INDEX_INFOS), infos)
+        _commit(work, to, build_id, infos)
+    except BaseException:
+        shutil.rmtree(files, ignore_errors=True)
+        raise
+    finally:
+        if remote:
+            shutil.rmtree(work, ignore_errors=True)
+    if not infos["target_met"]:
+        progress(f"warning: recall@10 {infos['recall_at_10']:.3f} is below the "
+                 f"target {target_recall} at the largest search parameters tried")
+    return infos
+
+
+def _exists_remote(folder: str) -> bool:
+    from apache_beam.io.filesystems import FileSystems
+    return FileSystems.exists(folder.rstrip("/") + "/" + INDEX_INFOS)
+
+
+def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
+    """index_infos.json, replaced last, names the new files; then the
+    previous builds are removed. A reader sees the old index or the new."""
+    if _is_remote(to):
+        from apache_beam.io.filesystems import FileSystems
+        base = to.rstrip("/")
+        for name in os.listdir(os.path.join(work, build_id)):
+            _copy_uri(os.path.join(work, build_id, name), f"{base}/{build_id}/{name}")
+        _copy_uri(os.path.join(work, build_id, INDEX_INFOS), f"{base}/{INDEX_INFOS}")
+        old = [m.path for m in FileSystems.match([f"{base}/build-*/*"])[0].metadata_list
+               if f"/{build_id}/" not in m.path]
+        if old:
+            FileSystems.delete(old)
+        return
+    _write_json_atomic(os.path.join(to, INDEX_INFOS), infos)
+    for name in os.listdir(to):
+        if name.startswith("build-") and name != build_id:
+            shutil.rmtree(os.path.join(to, name), ignore_errors=True)
+
+
+def _family(key: str) -> str:
+    return re.sub(r"^IVF\d+", "IVF", key)
+
+
+def _training_points(key: str, n: int) -> int:
+    nlist = int(re.match(r"IVF(\d+)", key).group(1)) if key.startswith("IVF") else 256
+    points = nlist * TRAIN_POINTS_PER_LIST
+    if re.search(r"PQ\d+", key):
+        points = max(points, 256 * TRAIN_POINTS_PER_LIST)
+    return min(n, points)
+
+
+def _candidates_per_k(key: str) -> int:
+    # 8-bit scalar codes keep the order nearly exact; PQ codes need more
+    # candidates to re-rank (measured in benchmarks/search_bench.py).
+    return 2 if "SQ" in key else 8
+
+
+def _sample_again(source, rng, n, ntrain, d, batch_size) -> np.ndarray:
+    wanted = np.sort(rng.choice(n, ntrain, replace=False))
+    out = np.empty((ntrain, d), np.float32)
+    pos = 0
+    for ids, _, vecs in source.batches(batch_size):
+        lo, hi = np.searchsorted(wanted, [pos, pos + len(ids)])
+        out[lo:hi] = vecs[wanted[lo:hi] - pos]
+        pos += len(ids)
+    return out
+
+
+def _identity_differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diff = [f"{k}: {str(old.get(k))[:40]!r} vs {str(new.get(k))[:40]!r}"
+            for k in keys if old.get(k) != new.get(k)]
+    return "index vs dataset: " + "; ".join(diff)
+
+
+class _ExactTopK:
+    """Running exact top-k of a few queries over vectors streamed past."""
+
+    def __init__(self, queries: np.ndarray, k: int):
+        self.queries = queries
+        self.k = k
+        self.scores = np.full((len(queries), 0), -np.inf, np.float32)
+        self.rows = np.full((len(queries), 0), -1, np.int64)
+
+    def update(self, vectors: np.ndarray, rows: np.ndarray) -> None:
+        scores = np.concatenate([self.scores, self.queries @ vectors.T], axis=1)
+        labels = np.concatenate([self.rows, np.broadcast_to(rows, (len(self.queries), len(rows)))], axis=1)
+        if scores.shape[1] > self.k:
+            keep = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
+            scores = np.take_along_axis(scores, keep, axis=1)
+            labels = np.take_along_axis(labels, keep, axis=1)
+        self.scores, self.rows = scores, labels
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        return (np.take_along_axis(self.scores, order, axis=1),
+                np.take_along_axis(self.rows, order, axis=1))
+
+
+def _without_self(scores: np.ndarray, rows: np.ndarray, self_rows: np.ndarray, k: int
+                  ) -> np.ndarray:
+    """Scores of each query's results without the query's own row, first k."""
+    out = np.full((len(scores), k), -np.inf, np.float32)
+    for i in range(len(scores)):
+        keep = rows[i] != self_rows[i]
+        s = scores[i][keep & (rows[i] >= 0)][:k]
+        out[i, :len(s)] = s
+    return out
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray, k: int, tol: float = 1e-4) -> float:
+    """Share of the approximate top-k whose score reaches the exact k-th
+    score (ties between equal vectors count as found), averaged over queries
+    that have at least k exact neighbours."""
+    kth = exact[:, k - 1]
+    valid = np.isfinite(kth)
+    if not valid.any():
+        return 1.0
+    hits = (approx[valid, :k] >= kth[valid, None] - tol).sum(axis=1)
+    return float(np.mean(hits / k))
+
+
+def measure_recall(index: SearchIndex, queries: np.ndarray, query_rows: np.ndarray,
+                   gt_scores: np.ndarray, gt_rows: np.ndarray) -> dict:
+    """recall@1 and @10 of `index` for dataset rows used as queries, each
+    without itself, against the exact top-k (gt_*, which include it)."""
+    k = min(RECALL_K, index.ntotal - 1)
+    if k < 1:
+        return {"recall_at_1": 1.0, "recall_at_10": 1.0}
+    scores, rows = index.search_rows(queries, k + 1)
+    approx = _without_self(scores, rows, query_rows, k)
+    exact = _without_self(gt_scores, gt_rows, query_rows, k)
+    return {"recall_at_1": round(recall_at(approx, exact, 1), 4),
+            "recall_at_10": round(recall_at(approx, exact, k), 4)}
+
+
+def _tune(index: SearchIndex, queries, query_rows, gt_scores, gt_rows, target: float
+          ) -> tuple[dict, list, dict]:
+    """The cheapest search parameter that reaches the target recall@10."""
+    key = index.infos.get("index_key") or ""
+    ivf = faiss.try_extract_index_ivf(index.index)
+    if ivf is not None:
+        name, grid = "nprobe", [p for p in NPROBE_GRID if p <= ivf.nlist] or [ivf.nlist]
+        if grid[-1] != ivf.nlist and ivf.nlist < NPROBE_GRID[-1]:
+            grid.append(ivf.nlist)
+    elif "HNSW" in type(index.index).__name__ or "HNSW" in key:
+        name, grid = "efSearch", list(EF_SEARCH_GRID)
+    else:
+        return {}, [], measure_recall(index, queries, query_rows, gt_scores, gt_rows)
+    tuning = []
+    for value in grid:
+        index.params = {name: value}
+        index._apply(index.params)  # pylint: disable=protected-access
+        recall = measure_recall(index, queries, query_rows, gt_scores, gt_rows)
+        tuning.append({name: value, **recall})
+        if recall["recall_at_10"] >= target:
+            break
+    return {name: value}, tuning, recall
+
+
+def _latency(index: SearchIndex, queries: np.ndarray) -> dict:
+    """Single-query search latency (one vector per call), milliseconds."""
+    k = min(RECALL_K, index.ntotal)
+    times = []
+    for q in queries[:LATENCY_QUERIES]:
+        t = time.perf_counter()
+        index.search_rows(q[None, :], k)
+        times.append((time.perf_counter() - t) * 1000)
+    return {"p50": round(float(np.percentile(times, 50)), 3),
+            "p95": round(float(np.percentile(times, 95)), 3),
+            "queries": len(times), "k": k}

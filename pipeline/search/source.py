@@ -1,0 +1,167 @@
+"""The dataset's side of search: its vectors, rows and model, read only
+through `transforms.dataset.Dataset` (a few columns, streamed; never the
+1001 logits), and query images embedded the way the dataset was.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.search.errors import SearchError
+from pipeline.search.vectors import Batch, normalize
+from transforms.dataset import Dataset, DatasetError
+
+
+def fixed_list_to_numpy(column) -> np.ndarray:
+    """A fixed_size_list<float> column as float32 [n, d]."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    size = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(
+        np.float32, copy=False).reshape(len(column), size)
+
+
+class DatasetVectors:
+    """A dataset's feature vectors as a `VectorSource`, plus row look-ups."""
+
+    def __init__(self, root: str):
+        self.dataset = Dataset(root)
+        try:
+            self.metadata = self.dataset.metadata()
+        except DatasetError as e:
+            raise SearchError(str(e)) from None
+        self.dim = self.metadata.feature_dim
+        self.root = self.dataset.root
+
+    def identity(self) -> dict[str, str]:
+        return dict(self.metadata.identity())
+
+    def num_rows(self) -> int:
+        return self.dataset.num_rows()
+
+    def batches(self, batch_size: int = 8192) -> Iterator[Batch]:
+        for batch in self.dataset.iter_batches(["image_id", "uri", "feature_vector"],
+                                               batch_size=batch_size):
+            yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                   normalize(fixed_list_to_numpy(batch.column(2))))
+
+    def iter_columns(self, columns: list[str], batch_size: int = 8192
+                     ) -> Iterator[pa.RecordBatch]:
+        return self.dataset.iter_batches(columns, batch_size=batch_size)
+
+    def rows(self, image_ids: Sequence[str], columns: list[str]) -> dict[str, dict]:
+        """image_id -> {column: value} for the ids found (one streamed pass).
+        feature_vector comes back as a float32 array."""
+        wanted = pa.array(list(set(image_ids)), pa.string())
+        found: dict[str, dict] = {}
+        names = ["image_id"] + [c for c in columns if c != "image_id"]
+        for batch in self.dataset.iter_batches(names):
+            hit = batch.filter(pc.is_in(batch.column(0), value_set=wanted))
+            if not hit.num_rows:
+                continue
+            table = pa.Table.from_batches([hit])
+            vectors = (fixed_list_to_numpy(table.column("feature_vector"))
+                       if "feature_vector" in names else None)
+            plain = [c for c in names if c != "feature_vector"]
+            for i, row in enumerate(table.select(plain).to_pylist()):
+                if vectors is not None:
+                    row["feature_vector"] = vectors[i]
+                found[row["image_id"]] = row
+            if len(found) == len(wanted):
+                break
+        return found
+
+    def sample_ids(self, n: int, seed: int = 0) -> list[str]:
+        """n image ids drawn at random (reads only the id column)."""
+        ids = [i for b in self.dataset.iter_batches(["image_id"]) for i in b.column(0).to_pylist()]
+        if not ids:
+            return []
+        rng = np.random.default_rng(seed)
+        return [ids[i] for i in sorted(rng.choice(len(ids), min(n, len(ids)), replace=False))]
+
+
+# --- embedding query images like the dataset -----------------------------------
+
+def model_spec(info):
+    """The `ModelSpec` that loads the model a dataset records (schemas.ModelInfo)."""
+    from transforms.model.loading import ModelSpec
+    handle = info.model_handle or ""
+    try:
+        if info.model_source == "random":
+            match = re.fullmatch(r"random\(seed=(-?\d+)\)", handle)
+            return ModelSpec(variant=info.model, source="random",
+                             seed=int(match.group(1)) if match else 0)
+        handles = [h.strip() for h in handle.split(" + ") if h.strip()]
+        if not handles:
+            raise ValueError("no model handle recorded")
+        return ModelSpec(variant=info.model, source=info.model_source,
+                         handle=handles[0],
+                         feature_handle=handles[1] if len(handles) > 1 else None)
+    except ValueError as e:
+        raise SearchError(f"the dataset's model cannot be loaded for queries: {e}") from None
+
+
+def preprocess_settings(recorded: dict):
+    """The decode/resize settings the dataset recorded, rebuilt; refused when
+    this version would not produce the same pixels."""
+    from transforms.decode import PreprocessSettings
+    if hasattr(PreprocessSettings, "from_metadata"):
+        settings = PreprocessSettings.from_metadata(recorded)
+    else:  # before transforms.decode grew from_metadata
+        crop = recorded.get("crop_fraction")
+        settings = PreprocessSettings(
+            height=int(recorded["height"]), width=int(recorded["width"]),
+            resize_mode=recorded.get("resize_mode", "stretch"),
+            crop_fraction=float(crop) if crop is not None else 0.875,
+            alpha_background=tuple(recorded.get("alpha_background", (255, 255, 255))),
+            reduced_jpeg_decode=bool(recorded.get("reduced_jpeg_decode", True)))
+    mine = {k: v for k, v in settings.to_metadata().items() if k != "pillow"}
+    theirs = {k: v for k, v in recorded.items() if k != "pillow"}
+    if mine != theirs:
+        differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise SearchError("this version cannot preprocess query images as the "
+                          f"dataset was ({', '.join(differing)} differ)")
+    return settings
+
+
+class QueryEmbedder:
+    """Embeds query images with the dataset's own model and preprocessing."""
+
+    def __init__(self, metadata):
+        from transforms.decode import DecodeLimits
+        from transforms.model.loading import ModelUnavailableError, load_model
+        self.settings = preprocess_settings(metadata.preprocessing)
+        self.limits = DecodeLimits()
+        try:
+            self.model = load_model(model_spec(metadata.model))
+        except ModelUnavailableError as e:
+            raise SearchError(f"cannot load the dataset's model for queries: {e}") from None
+        if self.model.weights_sha256 != metadata.model.weights_sha256:
+            raise SearchError(
+                f"the model loaded for queries ({metadata.model.model_handle}, weights "
+                f"sha256 {self.model.weights_sha256[:12]}...) is not the one that made "
+                f"the dataset (weights sha256 {metadata.model.weights_sha256[:12]}...)")
+
+    def embed(self, uris: Sequence[str]) -> tuple[np.ndarray, list[Optional[str]]]:
+        """(vectors [n, d] normalized, errors): a row per uri; an image that
+        cannot be read or decoded gets a zero row and its error message."""
+        from transforms.decode import ImageError, decode_and_resize, read_bytes
+        pixels, errors = [], []
+        for uri in uris:
+            try:
+                data = read_bytes(uri, self.limits.max_bytes)
+                pixels.append(decode_and_resize(data, self.settings, self.limits)[0])
+                errors.append(None)
+            except ImageError as e:
+                pixels.append(None)
+                errors.append(f"{uri}: {e}")
+        good = [p for p in pixels if p is not None]
+        vectors = np.zeros((len(uris), self.model.feature_dim), np.float32)
+        if good:
+            _, features = self.model.predict(np.stack(good))
+            vectors[[i for i, p in enumerate(pixels) if p is not None]] = normalize(features)
+        return vectors, errors

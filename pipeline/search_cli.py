@@ -1,0 +1,246 @@
+"""The search commands: thin over `pipeline.search`, one function each.
+
+  mobilenet-embed index OUT [--to DIR] [--index_key auto|FACTORY] [--max_memory 8G]
+                            [--target_recall 0.95] [--rebuild]
+  mobilenet-embed query OUT (--image P ... | --id ID ... | --manifest FILE)
+                            [--k 10] [--json] [--output DIR] [--index DIR]
+  mobilenet-embed dedup OUT [--threshold T] [--to DIR] [--index DIR]
+  mobilenet-embed gallery OUT [--image P ... | --sample N] --to page.html
+  mobilenet-embed export OUT --format vertex --to DIR
+
+Each returns an exit code: 0 done; 2 a problem named in one line
+(`error: ...` on stderr), including a query image that cannot be read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Callable
+
+from pipeline.search.errors import SearchError
+
+LOG = logging.getLogger("mobilenet_embed.search")
+
+
+def _errors_as_exit_2(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    def wrapped(argv: list[str]) -> int:
+        from transforms.dataset import DatasetError
+        try:
+            return fn(argv)
+        except (SearchError, DatasetError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    wrapped.__name__ = fn.__name__
+    wrapped.__doc__ = fn.__doc__
+    return wrapped
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+@_errors_as_exit_2
+def index_main(argv: list[str]) -> int:
+    """mobilenet-embed index OUT: build OUT/index/ (or --to) and measure it."""
+    from pipeline.search import build_dataset_index, parse_size
+    parser = argparse.ArgumentParser(
+        prog="mobilenet-embed index",
+        description="Index a dataset's feature vectors with faiss (cosine "
+                    "similarity), measure recall against exact search and "
+                    "tune the search parameters to reach --target_recall.")
+    parser.add_argument("output", help="the dataset folder a run wrote (local or gs://)")
+    parser.add_argument("--to", default=None, help="index folder (default OUT/index)")
+    parser.add_argument("--index_key", default="auto",
+                        help="auto (by size and --max_memory) or a faiss factory "
+                             "string, e.g. Flat, HNSW32,Flat, IVF1024,Flat, IVF1024,SQ8")
+    parser.add_argument("--max_memory", default="8G",
+                        help="memory budget for building and holding the index (8G)")
+    parser.add_argument("--target_recall", type=float, default=0.95,
+                        help="recall@10 against exact search to tune for (0.95)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="start over instead of adding new rows to the index")
+    args = parser.parse_args(argv)
+    infos = build_dataset_index(args.output, to=args.to, index_key=args.index_key,
+                                max_memory=parse_size(args.max_memory),
+                                target_recall=args.target_recall,
+                                rebuild=args.rebuild, progress=_say)
+    where = args.to or f"{args.output.rstrip('/')}/index"
+    print(f"indexed {infos['rows']} rows ({infos['rows_added']} added"
+          f"{', incremental' if infos['incremental'] else ''}) into {where}: "
+          f"{infos['index_key']} {json.dumps(infos['search_parameters'])}, "
+          f"recall@1 {infos['recall_at_1']:.3f}, recall@10 {infos['recall_at_10']:.3f} "
+          f"(target {infos['target_recall_at_10']}), single query p50 "
+          f"{infos['latency_ms']['p50']:.2f} ms, p95 {infos['latency_ms']['p95']:.2f} ms, "
+          f"built in {infos['build_seconds']['total_s']:.1f} s")
+    return 0
+
+
+def _read_manifest(path: str) -> list[str]:
+    """Query images of a manifest: .txt (one a line), .csv or .parquet with a
+    'uri' column."""
+    import io
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystems import FileSystems
+    if not FileSystems.exists(path):
+        raise SearchError(f"--manifest {path} does not exist")
+    with FileSystems.open(path) as f:
+        data = f.read()
+    lower = path.lower()
+    if lower.endswith((".csv", ".parquet")):
+        table = (pq.read_table(io.BytesIO(data)) if lower.endswith(".parquet")
+                 else pacsv.read_csv(io.BytesIO(data)))
+        if "uri" not in table.column_names:
+            raise SearchError(f"--manifest {path} has no 'uri' column "
+                              f"(columns: {', '.join(table.column_names)})")
+        uris = [u for u in table.column("uri").to_pylist() if u]
+    else:
+        uris = [line.strip() for line in data.decode().splitlines()
+                if line.strip() and not line.startswith("#")]
+    if not uris:
+        raise SearchError(f"--manifest {path} lists no images")
+    return uris
+
+
+@_errors_as_exit_2
+def query_main(argv: list[str]) -> int:
+    """mobilenet-embed query OUT: the k nearest rows of query images or ids."""
+    from pipeline.search import open_search
+    from pipeline.search.query import check_k
+    parser = argparse.ArgumentParser(
+        prog="mobilenet-embed query",
+        description="Nearest neighbours (cosine similarity) of images, embedded "
+                    "with the dataset's own model and preprocessing, or of rows "
+                    "already in the dataset.")
+    parser.add_argument("output", help="the dataset folder (local or gs://)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--image", nargs="+", help="query image paths or URIs")
+    which.add_argument("--id", nargs="+", help="image ids of dataset rows")
+    which.add_argument("--manifest", help="a .txt/.csv/.parquet list of query images")
+    parser.add_argument("--k", type=int, default=10, help="neighbours per query (10)")
+    parser.add_argument("--json", action="store_true",
+                        help="one JSON object per query on stdout")
+    parser.add_argument("--output", dest="results", default=None,
+                        help="with --manifest: folder for results.parquet")
+    parser.add_argument("--index", default=None, help="index folder (default OUT/index)")
+    args = parser.parse_args(argv)
+    k = check_k(args.k)
+    if args.manifest and not args.results:
+        raise SearchError("--manifest writes Parquet: pass --output DIR")
+    searcher = open_search(args.output, args.index)
+    if searcher.stale:
+        _say(f"warning: {searcher.stale}")
+    if args.id:
+        results = searcher.by_ids(args.id, k)
+    else:
+        results = searcher.by_images(_read_manifest(args.manifest) if args.manifest
+                                     else args.image, k)
+    failed = [r for r in results if r.error]
+    for r in failed:
+        print(f"error: {r.error}", file=sys.stderr)
+    if args.manifest:
+        import pyarrow as pa
+
+        from pipeline.search.files import join, write_parquet
+        rows = [(r.query, rank, n.image_id, n.uri, n.score)
+                for r in results for rank, n in enumerate(r.neighbors, start=1)]
+        table = pa.table({
+            "query": pa.array([x[0] for x in rows], pa.string()),
+            "rank": pa.array([x[1] for x in rows], pa.int32()),
+            "image_id": pa.array([x[2] for x in rows], pa.string()),
+            "uri": pa.array([x[3] for x in rows], pa.string()),
+            "score": pa.array([x[4] for x in rows], pa.float32())})
+        path = join(args.results, "results.parquet")
+        write_parquet(table, path)
+        print(f"{len(results) - len(failed)} queries, {len(rows)} neighbours -> {path}")
+    else:
+        for r in results:
+            if args.json:
+                print(json.dumps(r.to_json()))
+            elif not r.error:
+                print(r.query)
+                for rank, n in enumerate(r.neighbors, start=1):
+                    print(f"  {rank:3d}. {n.score:.4f}  {n.image_id}")
+    return 2 if failed else 0
+
+
+@_errors_as_exit_2
+def dedup_main(argv: list[str]) -> int:
+    """mobilenet-embed dedup OUT: exact and near duplicates, pairs and clusters."""
+    from pipeline.search import find_dataset_duplicates
+    from pipeline.search.dedup import DEFAULT_THRESHOLD
+    from pipeline.search.files import join, write_json, write_parquet
+    parser = argparse.ArgumentParser(
+        prog="mobilenet-embed dedup",
+        description="Exact copies (same content_sha256) and near duplicates "
+                    "(cosine similarity >= --threshold) across the dataset.")
+    parser.add_argument("output", help="the dataset folder (local or gs://)")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help=f"cosine similarity of near duplicates (default "
+                             f"{DEFAULT_THRESHOLD}, measured: see docs/search.md)")
+    parser.add_argument("--to", default=None, help="folder for the results (default OUT/duplicates)")
+    parser.add_argument("--index", default=None, help="index folder (default OUT/index)")
+    args = parser.parse_args(argv)
+    found = find_dataset_duplicates(args.output, args.threshold, args.index)
+    to = args.to or join(args.output, "duplicates")
+    write_parquet(found.pairs, join(to, "pairs.parquet"))
+    write_parquet(found.clusters, join(to, "clusters.parquet"))
+    write_json(join(to, "dedup_summary.json"), found.counts)
+    c = found.counts
+    print(f"{c['images']} images: {c['exact_pairs']} exact and {c['near_pairs']} near "
+          f"duplicate pairs (cosine >= {c['threshold']}), {c['clusters']} clusters "
+          f"holding {c['images_in_clusters']} images ({c['removable_duplicates']} "
+          f"removable) -> {to}")
+    return 0
+
+
+@_errors_as_exit_2
+def export_main(argv: list[str]) -> int:
+    """mobilenet-embed export OUT --format vertex --to DIR."""
+    from pipeline.search.export import FORMATS, export
+    from pipeline.search.source import DatasetVectors
+    parser = argparse.ArgumentParser(
+        prog="mobilenet-embed export",
+        description="Write the normalized vectors in a store's input format.")
+    parser.add_argument("output", help="the dataset folder (local or gs://)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--to", required=True, help="folder (local or gs://)")
+    args = parser.parse_args(argv)
+    result = export(DatasetVectors(args.output), args.to, args.format)
+    print(f"{result['rows']} vectors of {result['dimensions']} dims in "
+          f"{len(result['files'])} file(s) under {args.to} ({result['distance']})")
+    return 0
+
+
+@_errors_as_exit_2
+def gallery_main(argv: list[str]) -> int:
+    """mobilenet-embed gallery OUT --to page.html: neighbours and duplicate clusters."""
+    from pipeline.search.gallery import write_gallery
+    parser = argparse.ArgumentParser(
+        prog="mobilenet-embed gallery",
+        description="One self-contained HTML page: query images with their "
+                    "nearest neighbours, and the largest duplicate clusters.")
+    parser.add_argument("output", help="the dataset folder (local or gs://)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--image", nargs="+", help="query images (paths or URIs)")
+    which.add_argument("--sample", type=int, default=None,
+                       help="this many dataset rows drawn at random as queries (default 8)")
+    parser.add_argument("--k", type=int, default=8, help="neighbours per query (8)")
+    parser.add_argument("--to", required=True, help="the HTML file to write")
+    parser.add_argument("--index", default=None, help="index folder (default OUT/index)")
+    parser.add_argument("--duplicates", default=None,
+                        help="dedup results folder (default OUT/duplicates, if present)")
+    args = parser.parse_args(argv)
+    summary = write_gallery(args.output, args.to, images=args.image,
+                            sample=args.sample, k=args.k, index_dir=args.index,
+                            duplicates_dir=args.duplicates)
+    print(f"{summary['queries']} queries, {summary['clusters']} duplicate clusters, "
+          f"{summary['thumbnails']} thumbnails -> {args.to}")
+    return 0
+
+
+COMMANDS = {"index": index_main, "query": query_main, "dedup": dedup_main,
+            "gallery": gallery_main, "export": export_main}

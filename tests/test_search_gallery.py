@@ -1,0 +1,94 @@
+"""The gallery page, opened in a real headless Chromium: every thumbnail
+decodes (naturalWidth > 0 after load) and the screenshot is not blank.
+
+Chromium comes from Debian's `chromium` package (apt-get install -y
+chromium); the binary is found as $CHROMIUM, else `chromium`,
+`chromium-browser`, `google-chrome` on PATH. Without one the test skips.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.search_cli import dedup_main, gallery_main, index_main
+from jobs import run_job, sample_photos
+
+
+def chromium() -> str | None:
+    candidates = [os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "google-chrome"]
+    for name in filter(None, candidates):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+needs_chromium = pytest.mark.skipif(
+    chromium() is None, reason="no Chromium binary ($CHROMIUM, chromium, chromium-browser, "
+    "google-chrome); install Debian's package: apt-get install -y chromium")
+
+PHOTOS = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+          "motorcycle_right.png", "horse.png", "camera.png"]
+
+
+def browser(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+                           "--hide-scrollbars", "--virtual-time-budget=5000", *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in PHOTOS:
+        shutil.copy(sample_photos() / name, photos / name)
+    shutil.copy(sample_photos() / "coffee.png", photos / "coffee_again.png")
+    out = root / "out"
+    assert run_job("--input", str(photos), "--output", str(out), "--model_source", "random") == 0
+    assert index_main([str(out)]) == 0
+    assert dedup_main([str(out), "--threshold", "0.9999"]) == 0
+    html_path = root / "page.html"
+    assert gallery_main([str(out), "--sample", "3", "--k", "4", "--to", str(html_path)]) == 0
+    return root, html_path
+
+
+def test_the_page_is_self_contained(page):
+    _, html_path = page
+    text = html_path.read_text()
+    sources = re.findall(r'<img class="thumb" src="([^"]+)"', text)
+    # 3 queries x (1 + 4 neighbours), and the coffee cluster of two.
+    assert len(sources) == 3 * 5 + 2
+    assert all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    assert "representative" in text
+
+
+@needs_chromium
+def test_chromium_decodes_every_thumbnail(page):
+    _, html_path = page
+    result = browser("--dump-dom", html_path.as_uri())
+    assert result.returncode == 0, result.stderr[-2000:]
+    dom = result.stdout
+    widths = [int(w) for w in re.findall(r'data-natural-width="(\d+)"', dom)]
+    assert len(widths) == 17 and min(widths) > 0
+    assert 'data-images-decoded="17"' in dom
+
+
+@needs_chromium
+def test_chromium_screenshot_is_not_blank(page):
+    root, html_path = page
+    shot = root / "page.png"
+    result = browser("--window-size=1280,1000", f"--screenshot={shot}", html_path.as_uri())
+    assert result.returncode == 0 and shot.exists(), result.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape[:2] == (1000, 1280)
+    assert pixels.std() > 30  # photos, not an empty page
+    distinct = len(np.unique(pixels.reshape(-1, 3)[::7].astype(np.uint8), axis=0))
+    assert distinct > 2000

@@ -1,0 +1,48 @@
+"""The search commands on a dataset in a bucket (the GCS emulator): the index
+is built locally and committed to gs://, queries and dedup read it back."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+
+import pyarrow.parquet as pq
+
+from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
+from jobs import run_job, sample_photos
+from pipeline.search_cli import dedup_main, index_main, query_main
+
+BUCKET = "search-test"
+GS = f"gs://{BUCKET}"
+
+
+def test_index_query_and_dedup_over_gs(gcs_emulator, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"):
+        shutil.copy(sample_photos() / name, photos / name)
+    shutil.copy(sample_photos() / "coffee.png", photos / "coffee_copy.png")
+    local = tmp_path / "out"
+    assert run_job("--input", str(photos), "--output", str(local), "--model_source", "random") == 0
+    gcs_emulator.create_bucket(BUCKET)
+    gcs_emulator.upload_tree(local, f"{GS}/out")
+
+    assert index_main([f"{GS}/out"]) == 0
+    infos = json.loads(gcs_emulator.read(f"{GS}/out/index/index_infos.json"))
+    stored = gcs_emulator.list(f"{GS}/out/index/{infos['files']}/")
+    assert {u.rsplit("/", 1)[-1] for u in stored} == {"index.faiss", "rows.parquet",
+                                                      "index_infos.json"}
+    assert infos["rows"] == 5
+
+    target = str(photos / "chelsea.png")
+    capsys.readouterr()
+    assert query_main([f"{GS}/out", "--image", target, "--k", "1", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["neighbors"][0]
+    assert best["image_id"].endswith("chelsea.png")
+
+    assert dedup_main([f"{GS}/out", "--threshold", "0.9999"]) == 0
+    pairs = pq.read_table(io.BytesIO(gcs_emulator.read(f"{GS}/out/duplicates/pairs.parquet")))
+    exact = [p for p in pairs.to_pylist() if p["kind"] == "exact"]
+    assert len(exact) == 1 and {exact[0]["image_id_a"].rsplit("/", 1)[-1],
+                                exact[0]["image_id_b"].rsplit("/", 1)[-1]} == \
+        {"coffee.png", "coffee_copy.png"}
