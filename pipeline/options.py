@@ -9,7 +9,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.model import catalog
-from transforms.model.loading import SOURCES
+from transforms.model.loading import RUNTIMES, SOURCES
 
 
 def _positive_fraction(value: str) -> float:
@@ -114,6 +114,15 @@ class EmbedOptions(PipelineOptions):
         run.add_argument(
             "--model_copies", type=int, default=None,
             help="With --large_model: how many copies per machine.")
+        run.add_argument(
+            "--runtime", default="auto", choices=RUNTIMES,
+            help="What runs the model (TensorFlow always loads it). auto: "
+                 "ONNX Runtime (its CUDA provider where onnxruntime-gpu and "
+                 "a GPU are there), after checking its outputs against "
+                 "TensorFlow's on a probe batch; TensorFlow where they differ "
+                 "or the conversion fails (one warning says why), or where "
+                 "a GPU is present that only TensorFlow can use. "
+                 "onnxruntime or tensorflow: that one, no fallback.")
         run.add_argument("--tf_intra_op_threads", type=int, default=0,
                          help="TensorFlow intra-op threads (0: TF default).")
         run.add_argument("--tf_inter_op_threads", type=int, default=0,

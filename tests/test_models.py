@@ -265,7 +265,9 @@ def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch)
     from transforms.model import loading
     monkeypatch.setenv("MOBILENET_EMBED_CACHE_DIR", str(tmp_path / "cache"))
     path = build_tf1_hub_module(str(tmp_path / "m"), size=96, feature_dim=1280)
-    spec = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model", handle=path)
+    # TensorFlow runs it: ONNX Runtime would not read the frozen graph again.
+    spec = ModelSpec(variant="mobilenet_v2_035_96", source="saved_model",
+                     handle=path, runtime="tensorflow")
     pixels = PROBE[:, :96, :96]
     first = loading._load_uncached(spec)
     (entry,) = (tmp_path / "cache" / "graphs").glob("*.pb")

@@ -20,6 +20,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from transforms.model import threads
 from transforms.model.loading import LoadedModel, ModelSpec, load_model
 from schemas import TOP_K, DecodedImage, Embedding, FailedImage
 
@@ -46,26 +47,10 @@ def tensorflow_environment() -> dict[str, str]:
 
 def configure_tensorflow(intra_op_threads: int = 0,
                          inter_op_threads: int = 0) -> None:
-    """Set TensorFlow's thread pools (0 keeps TF's default: all cores).
-
-    Must run before TensorFlow executes its first op in this process; later
-    calls are ignored with a note, since TF cannot change them once started.
-    """
-    import tensorflow as tf
-    try:
-        if intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(
-                intra_op_threads)
-        if inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(
-                inter_op_threads)
-    except RuntimeError:
-        current = (tf.config.threading.get_intra_op_parallelism_threads(),
-                   tf.config.threading.get_inter_op_parallelism_threads())
-        if current != (intra_op_threads or current[0],
-                       inter_op_threads or current[1]):
-            LOG.warning("TensorFlow already started with intra/inter-op "
-                        "threads %s; cannot change them now", current)
+    """Threads of the model's runtime in this process (0: its default, all
+    cores): ONNX Runtime's session or TensorFlow's pools, whichever runs the
+    model. Call before loading it; TensorFlow is not imported for this."""
+    threads.configure(intra_op_threads, inter_op_threads)
 
 
 def default_max_batch_size(input_size: int) -> int:
@@ -103,6 +88,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
                 f"worker loaded weights {model.weights_sha256[:16]}... for "
                 f"{self._spec.describe()}, but the job was planned with "
                 f"{self._expected_digest[:16]}...; refusing to mix them")
+        LOG.info("model %s runs on %s", self._spec.variant, model.runtime)
         return model
 
     def run_inference(self, batch: Sequence[DecodedImage], model: LoadedModel,
