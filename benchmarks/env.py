@@ -56,7 +56,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
     for name in ("tensorflow", "keras", "apache-beam", "pillow", "numpy",
-                 "pyarrow", "tensorflow-hub"):
+                 "pyarrow", "tensorflow-hub", "onnxruntime", "onnx", "tf2onnx"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
