@@ -31,7 +31,8 @@ def shared_model(shared: Path) -> str | None:
 
 
 def pool_report(pool: Pool) -> dict:
-    return {"load": {n: {k: w.ready.get(k) for k in ("load_s", "onednn")}
+    return {"load": {n: {k: w.ready.get(k) for k in (
+        "load_s", "onednn", "runtime", "tensorflow_imported", "rss_mb")}
                      for n, w in pool.workers.items()},
             "errors": pool.errors}
 

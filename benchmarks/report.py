@@ -407,10 +407,9 @@ def _threads(results: dict) -> str:
     for model, g in t.items():
         for layout, by_batch in g["rates"].items():
             if by_batch:
-                rows.append([model, layout] + [_rate(by_batch.get(b) or by_batch.get(str(b)))
-                                               for b in (8, 16, 32)])
-    return _table(["model", "layout (total images/s)", "batch 8", "batch 16",
-                   "batch 32"], rows)
+                rows.append([model, layout, ", ".join(
+                    f"{_rate(cell)} @ {b}" for b, cell in by_batch.items())])
+    return _table(["model", "layout", "total images/s @ batch"], rows)
 
 
 def _targets_notes(results: dict) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 from benchmarks import decode_speed, end_to_end, env, inputs, model_speed, \
     report, workers
 from benchmarks.end_to_end import MULTI_PROCESS, SINGLE_PROCESS, Case
-from benchmarks.workers import Pool
+from benchmarks.workers import Config, Pool
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("raw", "heads", "decode", "e2e", "options", "threads")
@@ -76,16 +76,12 @@ class Bench:
         self._pool: Pool | None = None
 
     def model_pool(self) -> Pool:
-        """The raw-model workers, kept from the sweep through the end-to-end
-        runs (timed between them): loading them costs a minute."""
+        """Raw-model workers of the end-to-end models on both runtimes, kept
+        through the end-to-end runs (timed between them)."""
         if self._pool is None:
-            configs = model_speed.raw_configs(self.shared_model)
-            # Convert first, in processes that then exit: the ONNX Runtime
-            # workers then load from the cache as a job's workers do,
-            # without TensorFlow in their memory.
-            with Pool([c for c in configs if c.runtime == "onnxruntime"],
-                      self.log):
-                pass
+            configs = [Config(model_speed.raw_name(m, r), variant=m, runtime=r)
+                       for m in model_speed.MODELS for r in model_speed.RUNTIMES]
+            convert_first(configs, self.log)
             self._pool = Pool(configs, self.log)
         return self._pool
 
@@ -104,27 +100,60 @@ class Bench:
 
 # --- sections --------------------------------------------------------------------------
 
+def convert_first(configs: list[Config], log) -> None:
+    """Load each ONNX Runtime configuration once, one at a time, in a
+    process that then exits: the conversion (TensorFlow and tf2onnx, several
+    GB for a moment) is done and cached, and the workers timed afterwards
+    load from the cache as a job's workers do, without TensorFlow."""
+    for config in configs:
+        if config.runtime == "onnxruntime":
+            with Pool([config], log):
+                pass
+
+
 def raw_model(b: Bench) -> None:
+    """Each model's runtimes interleaved in their own pool (the comparison
+    is within a model; one pool of every model would not fit in memory)."""
     b.say("raw model throughput: batch-size sweep, ONNX Runtime and TensorFlow")
     p = b.params
-    pool = b.model_pool()
-    names = [c.name for c in model_speed.raw_configs(b.shared_model)]
-    b.results["raw"] = model_speed.raw_sweep(pool, names, list(p.batches),
-                                             p.rounds, p.seconds)
-    b.results["raw_runtime_ratio"] = model_speed.runtime_ratios(b.results["raw"])
-    b.results["model_workers"] = model_speed.pool_report(pool)
-    for name, r in b.results["raw"].items():
-        b.say(f"  {name}: {r['best_images_per_s']} images/s at batch {r['best_batch']}")
+    configs = model_speed.raw_configs(b.shared_model)
+    convert_first(configs, b.log)
+    groups: dict[str, list[Config]] = {}
+    for config in configs:
+        groups.setdefault(config.name.rsplit(" on ", 1)[0], []).append(config)
+    raw, workers = {}, {"load": {}, "errors": {}}
+    for group, members in groups.items():
+        with Pool(members, b.log) as pool:
+            raw.update(model_speed.raw_sweep(pool, [c.name for c in members],
+                                             list(p.batches), p.rounds,
+                                             p.seconds))
+            found = model_speed.pool_report(pool)
+            workers["load"].update(found["load"])
+            workers["errors"].update(found["errors"])
+            if group.startswith("real ") and b.shared_model:
+                b.say("  accuracy of each runtime on the sample photos")
+                pixels, labels = model_speed.sample_pixels(
+                    b.shared, b.work / "sample224.npy")
+                reference = model_speed.raw_name(model_speed.BIG, "tensorflow",
+                                                 real=True)
+                b.results["runtime_accuracy"] = model_speed.accuracy(
+                    pool, [c.name for c in members], reference, pixels,
+                    labels, b.work)
+        for name in (c.name for c in members):
+            if name in raw:
+                b.say(f"  {name}: {raw[name]['best_images_per_s']} images/s at "
+                      f"batch {raw[name]['best_batch']}")
+    b.results["raw"] = raw
+    b.results["raw_runtime_ratio"] = model_speed.runtime_ratios(raw)
+    b.results["model_workers"] = workers
     for name, r in b.results["raw_runtime_ratio"].items():
         b.say(f"  {name}: ONNX Runtime / TensorFlow {r['at_job_batch']} at "
               f"batch {r['job_batch']}")
-    if b.shared_model:
-        b.say("  accuracy of each runtime on the sample photos")
-        pixels, labels = model_speed.sample_pixels(b.shared, b.work / "sample224.npy")
-        real = [model_speed.raw_name(model_speed.BIG, r, real=True)
-                for r in model_speed.RUNTIMES]
-        b.results["runtime_accuracy"] = model_speed.accuracy(
-            pool, real, real[1], pixels, labels, b.work)
+
+
+def _best_batch(b: Bench, model: str) -> int:
+    return b.results.get("raw", {}).get(model_speed.raw_name(model), {}).get(
+        "best_batch", 16)
 
 
 def heads(b: Bench) -> None:
@@ -278,8 +307,9 @@ def threads(b: Bench) -> None:
     for runtime in model_speed.RUNTIMES:
         for model in model_speed.MODELS:
             with Pool(model_speed.thread_configs(model, runtime), b.log) as pool:
+                # At the job's batch size: what the layouts would run.
                 out[f"{model} on {runtime}"] = model_speed.threads(
-                    pool, [8, 16, 32], p.rounds, p.seconds)
+                    pool, [model_speed.job_batch(model)], p.rounds, p.seconds)
             b.say(f"  {model} on {runtime}: " + ", ".join(
                 f"{layout} {max(r[x]['median'] for x in r):.1f}"
                 for layout, r in out[f"{model} on {runtime}"]["rates"].items() if r))

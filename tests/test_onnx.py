@@ -61,6 +61,16 @@ def test_onnx_runtime_gives_tensorflows_outputs_from_one_cached_conversion(cache
     assert info["weights_sha256"] == tf.weights_sha256
 
 
+def test_thread_settings_reach_the_onnx_runtime_session(cache, monkeypatch):
+    from transforms.model import threads
+    loading._load_uncached(_spec("auto"))
+    converted = onnx_runtime.read_cache(_onnx_entry(cache))
+    monkeypatch.setattr(threads, "_THREADS", {"intra": 0, "inter": 0})
+    threads.configure(1, 1)
+    options = onnx_runtime.OnnxRunner(converted.model).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (1, 1)
+
+
 def test_a_cached_conversion_loads_without_tensorflow(cache):
     loading._load_uncached(_spec("auto"))  # converts and caches
     script = (

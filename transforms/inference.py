@@ -2,7 +2,9 @@
 
 Beam's TFModelHandlerTensor loads with tf.keras.models.load_model, which reads
 neither TF-Hub modules nor legacy SavedModels under Keras 3, so this handler
-loads through `transforms.model.loading` instead. RunInference gives the rest:
+loads through `transforms.model.loading` instead; the model then runs on ONNX
+Runtime or TensorFlow as its `ModelSpec.runtime` says (`LoadedModel.runtime`
+tells which, and why). RunInference gives the rest:
 one model per worker process shared by its threads (or one per machine with
 `large_model`), bounded batches, and its own metrics.
 
@@ -45,12 +47,16 @@ def tensorflow_environment() -> dict[str, str]:
     return {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")}
 
 
-def configure_tensorflow(intra_op_threads: int = 0,
-                         inter_op_threads: int = 0) -> None:
+def configure_threads(intra_op_threads: int = 0,
+                      inter_op_threads: int = 0) -> None:
     """Threads of the model's runtime in this process (0: its default, all
     cores): ONNX Runtime's session or TensorFlow's pools, whichever runs the
     model. Call before loading it; TensorFlow is not imported for this."""
     threads.configure(intra_op_threads, inter_op_threads)
+
+
+# The name pipeline/job.py knows; the threads are no longer TensorFlow's only.
+configure_tensorflow = configure_threads
 
 
 def default_max_batch_size(input_size: int) -> int:
@@ -78,7 +84,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
         self._threads = (intra_op_threads, inter_op_threads)
 
     def load_model(self) -> LoadedModel:
-        configure_tensorflow(*self._threads)
+        configure_threads(*self._threads)
         model = load_model(self._spec)
         if (self._expected_digest
                 and model.weights_sha256 != self._expected_digest):
