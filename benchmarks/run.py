@@ -10,6 +10,7 @@ generated inputs and logs go under DIR/work/ (gitignored). See README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -338,10 +339,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--shared", type=Path, default=env.ROOT.parent / "shared",
                         help="the shared photos and models (default: ../shared)")
+    parser.add_argument("--real_model", action="store_true",
+                        help="quick mode: time the real-weights model too")
     parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections (for development)")
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
+    if args.real_model:
+        params = dataclasses.replace(params, real_model=True)
     bench = Bench(params, args.out.resolve(), args.shared.resolve())
     bench.results["environment"] = env.describe()
     bench.results["environment"]["pipeline_tf_environment"] = \

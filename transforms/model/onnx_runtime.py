@@ -217,6 +217,12 @@ def session_options():
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # No busy-waiting between ops: the worker's other threads read and
+    # decode images on the same cores, and other processes share them
+    # (measured on 2 busy cores, 2 threads, 1.0_224: about 34 images/s
+    # without spinning against 17-27 with it).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads.intra_op():
         options.intra_op_num_threads = threads.intra_op()
     if threads.inter_op():
