@@ -307,7 +307,9 @@ def threads(b: Bench) -> None:
     out = {}
     for runtime in model_speed.RUNTIMES:
         for model in model_speed.MODELS:
-            with Pool(model_speed.thread_configs(model, runtime), b.log) as pool:
+            configs = model_speed.thread_configs(model, runtime)
+            convert_first(configs[:1], b.log)
+            with Pool(configs, b.log) as pool:
                 # At the job's batch size: what the layouts would run.
                 out[f"{model} on {runtime}"] = model_speed.threads(
                     pool, [model_speed.job_batch(model)], p.rounds, p.seconds)

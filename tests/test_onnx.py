@@ -227,3 +227,15 @@ def test_real_weights_top1_and_cosine_on_both_runtimes(cache):
         np.linalg.norm(a_features, axis=1) * np.linalg.norm(b_features, axis=1))
     assert cosine.min() > 0.9999
     np.testing.assert_allclose(a_features, b_features, atol=1e-3)
+
+
+def test_runtime_option_defaults_to_auto_and_refuses_others(capsys):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from pipeline.options import EmbedOptions
+    assert PipelineOptions([]).view_as(EmbedOptions).runtime == "auto"
+    forced = PipelineOptions(["--runtime", "tensorflow"]).view_as(EmbedOptions)
+    assert forced.runtime == "tensorflow"
+    with pytest.raises(SystemExit):
+        PipelineOptions(["--runtime", "openvino"]).view_as(EmbedOptions)
+    assert "invalid choice: 'openvino'" in capsys.readouterr().err
