@@ -503,8 +503,11 @@ def findings(results: dict) -> list[str]:
     for pair in pairs:
         e = e2e_ratio(results, pair)
         ceiling = ceiling_ratio(results, pair["model"], e["raw"], e["runtime"])
+        # Said only where the bound itself is below the target and the run
+        # comes near it: then decoding, not the pipeline, holds it back.
         if e["ratio"] is not None and ceiling is not None and (
-                e["ratio"] >= 0.9 * ceiling):
+                ceiling < E2E_RATIO[pair["model"]]
+                and e["ratio"] >= 0.9 * ceiling):
             out.append(f"{pair['case']} reaches {e['ratio']} x its raw model "
                        f"rate, against {ceiling} x if the cores did nothing "
                        "but decode and run the model: bound by decoding.")
@@ -602,11 +605,16 @@ def readme_block(results: dict) -> str:
     ]
     misses = [t for t in results.get("targets", []) if t["status"] == "MISS"]
     said = findings(results)
+    if not any(name.endswith(" on onnxruntime") for name in results.get("raw", {})):
+        said.insert(0, "This run has no ONNX Runtime figure: TensorFlow ran "
+                       "every model in it (before the runtime choice, or "
+                       "onnxruntime absent).")
     return "\n\n".join(filter(None, [
         f"Measured {e['date'][:10]} at commit {e['git_commit']} on {cpu['model']}, "
         f"{cpu['cores']} cores, {cpu['memory_gib']} GiB ({_cpu_features(cpu)}), "
-        f"TensorFlow {v.get('tensorflow')}, ONNX Runtime {v.get('onnxruntime')} "
-        f"(tf2onnx {v.get('tf2onnx')}), Beam {v.get('apache-beam')}; random "
+        f"TensorFlow {v.get('tensorflow')}, ONNX Runtime "
+        f"{v.get('onnxruntime') or 'not installed'} (tf2onnx "
+        f"{v.get('tf2onnx') or 'not installed'}), Beam {v.get('apache-beam')}; random "
         "weights unless marked real. Raw rates are at the batch size the job "
         "uses by default; end-to-end images/s are the lower of the two "
         "marginal estimates, and their ratio is to the raw rate of the same "
@@ -633,9 +641,25 @@ def update_readme(results: dict, readme: Path = README) -> bool:
     return True
 
 
+def upgrade(results: dict) -> dict:
+    """Results of a run from before the runtime choice (TensorFlow ran every
+    model) in today's names, so that they re-render truthfully."""
+    if any(" on " in name for name in results.get("raw", {})):
+        return results
+    results["raw"] = {f"{name} on tensorflow": r
+                      for name, r in results.get("raw", {}).items()}
+    e2e = results.get("e2e", {})
+    for pair in e2e.get("pairs", []):
+        pair.setdefault("runtime", "tensorflow")
+    if "raw_during" in e2e:
+        e2e["raw_during"] = {f"{m} on tensorflow": v
+                             for m, v in e2e["raw_during"].items()}
+    return results
+
+
 def main(argv: list[str]) -> int:
     path = Path(argv[0] if argv else Path(__file__).parent / "results" / "latest.json")
-    results = json.loads(path.read_text())
+    results = upgrade(json.loads(path.read_text()))
     results["targets"] = targets(results)
     path.write_text(json.dumps(results, indent=1) + "\n")
     path.with_suffix(".md").write_text(markdown(results))
