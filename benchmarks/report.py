@@ -104,7 +104,7 @@ def e2e_targets(results: dict) -> list[dict]:
     starts = [(p["case"], p["start_up_s"], f"N={p['runs'][0]['images']} run, "
                "model cache warm") for p in results.get("e2e", {}).get("pairs", [])]
     starts += [(r["case"], r["first_row_s"], f"N={r['images']} run, "
-                "conversion included")
+                "model cache empty")
                for r in results.get("cold_start", [])]
     for case, start, detail in starts:
         out.append(_target(f"start-up to first row: {case}", start,
