@@ -14,8 +14,11 @@ Layouts understood (whatever the source):
   /4-/5  one callable SavedModel per head (classification/, feature_vector/);
        the two are fused into one graph by `fusion.fuse_heads`.
 
-Every path ends in `LoadedModel`: uint8 pixels [N, H, W, 3] in, float32
-(logits [N, 1001], features [N, d]) out, plus what to record about it.
+Every path ends in one frozen two-output graph (cached on disk), run by
+ONNX Runtime after a parity check against TensorFlow, or by TensorFlow
+(`ModelSpec.runtime`; see `onnx_runtime`), and in `LoadedModel`: uint8
+pixels [N, H, W, 3] in, float32 (logits [N, 1001], features [N, d]) out,
+plus what to record about it (`runtime`, `parity`).
 """
 from __future__ import annotations
 
