@@ -33,6 +33,12 @@ INSTALL_REQUIRES = [
     "google-cloud-storage>=2.14",
     "psutil>=5.9",  # local runs size their worker processes by free memory
     "faiss-cpu>=1.9,<2",  # mobilenet-embed index/query/dedup (pipeline/search)
+    # The model runs on ONNX Runtime, converted from TensorFlow's frozen
+    # graph by tf2onnx (transforms/model/onnx_runtime.py). Workers convert
+    # where their cache lacks it, so both are runtime dependencies.
+    "onnxruntime>=1.20,<2",
+    "onnx>=1.16,<2",
+    "tf2onnx>=1.17,<1.18",
 ]
 
 EXTRAS = {

@@ -56,7 +56,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
     out = {"python": platform.python_version()}
     for name in ("tensorflow", "keras", "apache-beam", "pillow", "numpy",
-                 "pyarrow", "tensorflow-hub"):
+                 "pyarrow", "tensorflow-hub", "onnxruntime", "onnx", "tf2onnx"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -105,13 +105,9 @@ class Window:
     wall_s: float = 0.0
     machine_busy_s: float = 0.0
 
-    def load(self) -> float:
-        """Mean busy cores over the window (ours and everyone else's)."""
-        return self.machine_busy_s / self.wall_s if self.wall_s else 0.0
-
 
 class Stopwatch:
-    """with Stopwatch() as w: ...  -> w.window.wall_s, w.window.load()"""
+    """with Stopwatch() as w: ...  -> w.window.wall_s, w.window.machine_busy_s"""
 
     def __enter__(self):
         self._t0, self._b0 = time.perf_counter(), _cpu_busy_seconds()

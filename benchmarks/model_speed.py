@@ -8,10 +8,17 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks import inputs
+from transforms.model import catalog
 from benchmarks.workers import Config, Pool, alternate, best_batch, summarize
 
 MODELS = ("mobilenet_v2_100_224", "mobilenet_v2_035_96")
 BIG = MODELS[0]
+# The raw model is timed on these too (the largest variant; random weights).
+RAW_MODELS = (BIG, "mobilenet_v2_140_224", MODELS[1])
+# What runs the model: ONNX Runtime is what the job's default (auto) gives
+# on CPU; TensorFlow is `--runtime tensorflow`.
+RUNTIMES = ("onnxruntime", "tensorflow")
+DEFAULT_RUNTIME = RUNTIMES[0]
 # Accuracy guard for any numeric mode: top-1 within this many points of the
 # float32 model's, and every image's feature vector this close (cosine).
 TOP1_POINTS = 0.5
@@ -24,19 +31,56 @@ def shared_model(shared: Path) -> str | None:
 
 
 def pool_report(pool: Pool) -> dict:
-    return {"load": {n: {k: w.ready.get(k) for k in ("load_s", "onednn")}
+    return {"load": {n: {k: w.ready.get(k) for k in (
+        "load_s", "onednn", "runtime", "tensorflow_imported", "rss_mb")}
                      for n, w in pool.workers.items()},
             "errors": pool.errors}
 
 
 # --- raw throughput ---------------------------------------------------------------
 
+def raw_name(model: str, runtime: str = DEFAULT_RUNTIME, real: bool = False) -> str:
+    """The raw-model worker's name: weights, variant, runtime."""
+    return f"{'real' if real else 'random'} {model} on {runtime}"
+
+
 def raw_configs(shared_path: str | None) -> list[Config]:
-    configs = [Config(f"random {m}", variant=m) for m in MODELS]
+    configs = [Config(raw_name(m, r), variant=m, runtime=r)
+               for m in RAW_MODELS for r in RUNTIMES]
     if shared_path:
-        configs.append(Config(f"real {BIG}", source="shared",
-                              shared_model=shared_path))
+        configs += [Config(raw_name(BIG, r, real=True), source="shared",
+                           shared_model=shared_path, runtime=r)
+                    for r in RUNTIMES]
     return configs
+
+
+def job_batch(model: str) -> int:
+    """The batch size the job gives the model by default."""
+    from transforms.inference import default_max_batch_size
+    return default_max_batch_size(catalog.get_variant(model).input_size)
+
+
+def runtime_ratios(raw: dict) -> dict:
+    """ONNX Runtime's rate over TensorFlow's, per model, at every batch size
+    and at the job's default batch size (the one the target judges)."""
+    out = {}
+    for onnx_name, onnx in raw.items():
+        if not onnx_name.endswith(f" on {RUNTIMES[0]}"):
+            continue
+        base = onnx_name[:-len(RUNTIMES[0])]
+        tf = raw.get(base + RUNTIMES[1])
+        if not tf:
+            continue
+        model = base.split()[1]
+        by_batch = {}
+        for b, cell in onnx["by_batch"].items():
+            other = tf["by_batch"].get(b)
+            if other and other["median"]:
+                by_batch[int(b)] = round(cell["median"] / other["median"], 2)
+        out[base[:-len(" on ")]] = {"model": model, "job_batch": job_batch(model),
+                                    "at_job_batch": by_batch.get(job_batch(model)),
+                                    "by_batch": by_batch}
+    return out
 
 
 def raw_sweep(pool: Pool, names: list[str], batches: list[int], rounds: int,
@@ -127,7 +171,6 @@ def option_groups(shared_path: str | None) -> dict[str, list[Config]]:
             Config("product (as the job loads it)", **real),
             Config(ACCURACY_REFERENCE, **real, **off),
             Config("oneDNN on", **real, **on),
-            Config("XLA jit_compile", form="xla", **real, **on),
             Config("bfloat16 (grappler), oneDNN on", form="bf16", **real, **on)]
     return groups
 
@@ -147,16 +190,17 @@ THREAD_LAYOUTS = ("1 process x 2 threads", "1 process x 1 thread",
                   "2 processes x 1 thread", "2 processes x 2 threads")
 
 
-def thread_configs(model: str) -> list[Config]:
+def thread_configs(model: str, runtime: str = DEFAULT_RUNTIME) -> list[Config]:
     """Two cores: one process using both vs two processes with one each
-    (and two with two each: what multi-process runs do by default)."""
-    one = dict(variant=model, intra=1, inter=1)
-    return [Config("1 process x 2 threads", variant=model),
+    (and two with two each), as the job would load the model on `runtime`."""
+    one = dict(variant=model, intra=1, inter=1, runtime=runtime)
+    every = dict(variant=model, runtime=runtime)
+    return [Config("1 process x 2 threads", **every),
             Config("1 process x 1 thread", **one),
             Config("2 processes x 1 thread #1", **one),
             Config("2 processes x 1 thread #2", **one),
-            Config("2 processes x 2 threads #1", variant=model),
-            Config("2 processes x 2 threads #2", variant=model)]
+            Config("2 processes x 2 threads #1", **every),
+            Config("2 processes x 2 threads #2", **every)]
 
 
 def threads(pool: Pool, batches: list[int], rounds: int, seconds: float) -> dict:

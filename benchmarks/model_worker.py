@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+_RUNTIME: list[str] = []  # what ran the product form (LoadedModel.runtime)
 FORMS = ("product", "eager", "graph_keras", "xla", "frozen", "logits_only",
          "logits_only_frozen", "bf16")
 
@@ -37,10 +38,11 @@ def _protocol_stream():
 
 def _product_spec(config: dict):
     from transforms.model.loading import ModelSpec
+    runtime = config.get("runtime", "tensorflow")
     if config["source"] == "shared":
         return ModelSpec(variant=config["variant"], source="saved_model",
-                         handle=config["shared_model"])
-    return ModelSpec(variant=config["variant"], source="random")
+                         handle=config["shared_model"], runtime=runtime)
+    return ModelSpec(variant=config["variant"], source="random", runtime=runtime)
 
 
 def _uint8_wrapper(float_fn, size: int, jit: bool = False):
@@ -84,16 +86,16 @@ def _shared_classification(config: dict, frozen: bool):
 
 def build(config: dict):
     """uint8 [N, S, S, 3] -> output tensor(s), for the configured form."""
-    import tensorflow as tf
-
     form, size = config["form"], config["size"]
     if form in ("product", "bf16"):
+        # As the job runs it: either runtime, padded batches, numpy out
+        # (an ONNX Runtime model with its conversion cached never imports TF).
         from transforms.model.loading import load_model
-        return load_model(_product_spec(config)).predict_fn
-    if form == "xla" and config["source"] == "shared":
-        from transforms.model.loading import load_model
-        inner = load_model(_product_spec(config)).predict_fn
-        return tf.function(lambda p: inner(p), jit_compile=True, autograph=False)
+        model = load_model(_product_spec(config))
+        _RUNTIME.append(model.runtime)
+        return model.predict
+
+    import tensorflow as tf
     if form in ("logits_only", "logits_only_frozen") and config["source"] == "shared":
         return _uint8_wrapper(_shared_classification(
             config, frozen=form == "logits_only_frozen"), size)
@@ -169,22 +171,29 @@ def _embed(fn, request: dict) -> dict:
 
 
 def _configure(config: dict) -> None:
-    import tensorflow as tf
     if config.get("intra") or config.get("inter"):
-        from transforms.inference import configure_tensorflow
-        configure_tensorflow(config.get("intra", 0), config.get("inter", 0))
+        from transforms.inference import configure_threads
+        configure_threads(config.get("intra", 0), config.get("inter", 0))
     if config["form"] == "bf16":
+        import tensorflow as tf
         # Grappler rewrites the graph to bfloat16 where oneDNN has kernels.
         tf.config.optimizer.set_experimental_options(
             {"auto_mixed_precision_onednn_bfloat16": True})
 
 
 def _onednn_enabled() -> bool | None:
+    if "tensorflow" not in sys.modules:  # ONNX Runtime ran it alone
+        return None
     try:
         from tensorflow.python.util import _pywrap_util_port
         return bool(_pywrap_util_port.IsMklEnabled())
     except Exception:  # a private API: absent in some builds
         return None
+
+
+def _rss_mb() -> float:
+    import psutil
+    return round(psutil.Process().memory_info().rss / 2**20, 1)
 
 
 def main(argv: list[str]) -> int:
@@ -204,7 +213,10 @@ def main(argv: list[str]) -> int:
         return 1
     answer.write(json.dumps({"ready": True, "load_s": load_s,
                              "first_call_s": time.perf_counter() - t1,
-                             "onednn": _onednn_enabled()}) + "\n")
+                             "onednn": _onednn_enabled(),
+                             "runtime": _RUNTIME[0] if _RUNTIME else None,
+                             "tensorflow_imported": "tensorflow" in sys.modules,
+                             "rss_mb": _rss_mb()}) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
         try:

@@ -10,6 +10,7 @@ generated inputs and logs go under DIR/work/ (gitignored). See README.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -20,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import decode_speed, end_to_end, env, inputs, model_speed, \
-    profile_run, report, workers
+    report, workers
 from benchmarks.end_to_end import MULTI_PROCESS, SINGLE_PROCESS, Case
-from benchmarks.workers import Pool
+from benchmarks.workers import Config, Pool
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("raw", "heads", "decode", "e2e", "options", "threads", "profile")
+SECTIONS = ("raw", "heads", "decode", "e2e", "options", "threads")
 
 
 @dataclass(frozen=True)
@@ -39,21 +40,18 @@ class Params:
     e2e_sizes: tuple[int, int]  # N1, N2
     e2e_layouts: bool  # explicit single- and multi-process runs too
     memory_size: int | None  # a larger run, for peak RSS
-    experiment_size: int  # single runs of the e2e experiments
     cold_start_size: int  # a run with an empty model cache
-    investigate: bool
     real_model: bool  # time the real-weights model too (a slow load)
 
 
 FULL = Params(batches=(1, 8, 16, 32, 64, 128), rounds=3, seconds=1.0,
               sample_limit=200, large_photos=12, decode_rounds=3,
               e2e_sizes=(1000, 3000), e2e_layouts=True, memory_size=5000,
-              experiment_size=1000, cold_start_size=100, investigate=True,
-              real_model=True)
+              cold_start_size=100, real_model=True)
 QUICK = Params(batches=(1, 16, 64), rounds=2, seconds=0.5, sample_limit=40,
                large_photos=3, decode_rounds=1, e2e_sizes=(100, 400),
-               e2e_layouts=False, memory_size=None, experiment_size=0,
-               cold_start_size=0, investigate=False, real_model=False)
+               e2e_layouts=False, memory_size=None,
+               cold_start_size=0, real_model=False)
 
 
 class Bench:
@@ -79,10 +77,13 @@ class Bench:
         self._pool: Pool | None = None
 
     def model_pool(self) -> Pool:
-        """The raw-model workers, kept from the sweep through the end-to-end
-        runs (timed between them): loading them costs a minute."""
+        """Raw-model workers of the end-to-end models on both runtimes, kept
+        through the end-to-end runs (timed between them)."""
         if self._pool is None:
-            self._pool = Pool(model_speed.raw_configs(self.shared_model), self.log)
+            configs = [Config(model_speed.raw_name(m, r), variant=m, runtime=r)
+                       for m in model_speed.MODELS for r in model_speed.RUNTIMES]
+            convert_first(configs, self.log)
+            self._pool = Pool(configs, self.log)
         return self._pool
 
     def close_pool(self) -> None:
@@ -100,20 +101,60 @@ class Bench:
 
 # --- sections --------------------------------------------------------------------------
 
+def convert_first(configs: list[Config], log) -> None:
+    """Load each ONNX Runtime configuration once, one at a time, in a
+    process that then exits: the conversion (TensorFlow and tf2onnx, several
+    GB for a moment) is done and cached, and the workers timed afterwards
+    load from the cache as a job's workers do, without TensorFlow."""
+    for config in configs:
+        if config.runtime == "onnxruntime":
+            with Pool([config], log):
+                pass
+
+
 def raw_model(b: Bench) -> None:
-    b.say("raw model throughput: batch-size sweep")
+    """Each model's runtimes interleaved in their own pool (the comparison
+    is within a model; one pool of every model would not fit in memory)."""
+    b.say("raw model throughput: batch-size sweep, ONNX Runtime and TensorFlow")
     p = b.params
-    pool = b.model_pool()
-    names = [c.name for c in model_speed.raw_configs(b.shared_model)]
-    b.results["raw"] = model_speed.raw_sweep(pool, names, list(p.batches),
-                                             p.rounds, p.seconds)
-    b.results["model_workers"] = model_speed.pool_report(pool)
-    for name, r in b.results["raw"].items():
-        b.say(f"  {name}: {r['best_images_per_s']} images/s at batch {r['best_batch']}")
+    configs = model_speed.raw_configs(b.shared_model)
+    convert_first(configs, b.log)
+    groups: dict[str, list[Config]] = {}
+    for config in configs:
+        groups.setdefault(config.name.rsplit(" on ", 1)[0], []).append(config)
+    raw, workers = {}, {"load": {}, "errors": {}}
+    for group, members in groups.items():
+        with Pool(members, b.log) as pool:
+            raw.update(model_speed.raw_sweep(pool, [c.name for c in members],
+                                             list(p.batches), p.rounds,
+                                             p.seconds))
+            found = model_speed.pool_report(pool)
+            workers["load"].update(found["load"])
+            workers["errors"].update(found["errors"])
+            if group.startswith("real ") and b.shared_model:
+                b.say("  accuracy of each runtime on the sample photos")
+                pixels, labels = model_speed.sample_pixels(
+                    b.shared, b.work / "sample224.npy")
+                reference = model_speed.raw_name(model_speed.BIG, "tensorflow",
+                                                 real=True)
+                b.results["runtime_accuracy"] = model_speed.accuracy(
+                    pool, [c.name for c in members], reference, pixels,
+                    labels, b.work)
+        for name in (c.name for c in members):
+            if name in raw:
+                b.say(f"  {name}: {raw[name]['best_images_per_s']} images/s at "
+                      f"batch {raw[name]['best_batch']}")
+    b.results["raw"] = raw
+    b.results["raw_runtime_ratio"] = model_speed.runtime_ratios(raw)
+    b.results["model_workers"] = workers
+    for name, r in b.results["raw_runtime_ratio"].items():
+        b.say(f"  {name}: ONNX Runtime / TensorFlow {r['at_job_batch']} at "
+              f"batch {r['job_batch']}")
 
 
 def _best_batch(b: Bench, model: str) -> int:
-    return b.results.get("raw", {}).get(f"random {model}", {}).get("best_batch", 16)
+    return b.results.get("raw", {}).get(model_speed.raw_name(model), {}).get(
+        "best_batch", 16)
 
 
 def heads(b: Bench) -> None:
@@ -146,14 +187,26 @@ def decode(b: Bench) -> None:
 
 
 def default_case(model: str) -> Case:
-    """The command with no layout options: what a user runs."""
+    """The command with no layout or runtime options: what a user runs."""
     return Case(f"{model} default (no options)", model)
+
+
+TENSORFLOW = ("--runtime", "tensorflow")
+
+
+def case_runtime(case: Case) -> str:
+    """What runs the model in `case`: the default unless --runtime says."""
+    args = list(case.args)
+    if "--runtime" in args:
+        return args[args.index("--runtime") + 1]
+    return model_speed.DEFAULT_RUNTIME
 
 
 def _e2e_cases(p: Params) -> list[Case]:
     cases = []
     for model in model_speed.MODELS:
-        cases.append(default_case(model))
+        cases += [default_case(model),
+                  Case(f"{model} --runtime tensorflow", model, TENSORFLOW)]
         if p.e2e_layouts:
             cases += [Case(f"{model} single-process", model, SINGLE_PROCESS),
                       Case(f"{model} multi-process (2 workers)", model,
@@ -162,29 +215,32 @@ def _e2e_cases(p: Params) -> list[Case]:
 
 
 def e2e(b: Bench) -> None:
-    """Pairs of runs per case; raw model timings between them, so that the
-    ratio compares figures from the same minutes."""
+    """Pairs of runs per case; raw model timings (same model, same runtime)
+    between them, so that the ratio compares figures from the same minutes."""
     b.say("end to end (the command as a user runs it)")
     p = b.params
-    sizes = sorted({*p.e2e_sizes, p.memory_size or 0, p.experiment_size,
-                    p.cold_start_size} - {0})
+    sizes = sorted({*p.e2e_sizes, p.memory_size or 0, p.cold_start_size} - {0})
     sets = {n: inputs.image_set(b.work / "inputs", n, b.photos()) for n in sizes}
     pool = b.model_pool()
-    pairs, raw_during = [], {m: [] for m in model_speed.MODELS}
+    cases = _e2e_cases(p)
+    pairs, raw_during = [], {}
 
-    def spot_check(model: str) -> None:
-        raw_during[model].extend(model_speed.spot_check(
-            pool, f"random {model}", _best_batch(b, model), 2, p.seconds))
+    def spot_check(model: str, runtime: str) -> None:
+        raw_during.setdefault(f"{model} on {runtime}", []).extend(
+            model_speed.spot_check(pool, model_speed.raw_name(model, runtime),
+                                   _best_batch(b, model), 2, p.seconds))
 
-    for case in _e2e_cases(p):
-        spot_check(case.model)
-        pairs.append(end_to_end.pair(case, sets, p.e2e_sizes, b.work, b.say))
-    for model in model_speed.MODELS:
-        spot_check(model)
+    for case in cases:
+        spot_check(case.model, case_runtime(case))
+        pair = end_to_end.pair(case, sets, p.e2e_sizes, b.work, b.say)
+        pairs.append({**pair, "runtime": case_runtime(case)})
+    for key in sorted({(c.model, case_runtime(c)) for c in cases}):
+        spot_check(*key)
     b.close_pool()
     b.results["e2e"] = {"pairs": pairs, "raw_during": {
-        m: {"batch": _best_batch(b, m), **model_speed.summarize_spots(v)}
-        for m, v in raw_during.items()}}
+        key: {"batch": _best_batch(b, key.split()[0]),
+              **model_speed.summarize_spots(v)}
+        for key, v in raw_during.items()}}
     memory(b, sets)
     cold_start(b)
 
@@ -209,60 +265,17 @@ def cold_start(b: Bench) -> None:
     folder = inputs.image_set(b.work / "inputs", p.cold_start_size, b.photos())
     runs = []
     for model in model_speed.MODELS:
-        with tempfile.TemporaryDirectory(dir=b.work) as empty:
-            case = Case(f"{model} default, cold model cache", model,
-                        env=(("MOBILENET_EMBED_CACHE_DIR", empty),))
-            run = end_to_end.quiet_run(case, folder, p.cold_start_size, b.work)
-        b.say(f"  {case.name}: first row at {run.first_row_s} s")
-        runs.append(end_to_end.as_dict(run))
+        for name, args in (("default", ()), ("--runtime tensorflow", TENSORFLOW)):
+            # Empty: the frozen graph is built and (by default) converted
+            # to ONNX within this run's start-up.
+            with tempfile.TemporaryDirectory(dir=b.work) as empty:
+                case = Case(f"{model} {name}, cold model cache", model, args,
+                            env=(("MOBILENET_EMBED_CACHE_DIR", empty),))
+                run = end_to_end.quiet_run(case, folder, p.cold_start_size,
+                                           b.work)
+            b.say(f"  {case.name}: first row at {run.first_row_s} s")
+            runs.append(end_to_end.as_dict(run))
     b.results["cold_start"] = runs
-
-
-def _experiment_cases(b: Bench) -> list[Case]:
-    """Possible product changes, as options and environment of today's job.
-    The big model runs with real weights where they are here: its frozen,
-    fused graph is what users run, and it responds differently (oneDNN)."""
-    big, small = model_speed.BIG, model_speed.MODELS[1]
-    real = ("--model_handle", b.shared_model) if b.shared_model else None
-    weights = dict(source=real) if real else {}
-    tag = f"{'real' if real else 'random'} {big}"
-    multi_1 = MULTI_PROCESS + ("--tf_intra_op_threads", "1",
-                               "--tf_inter_op_threads", "1")
-
-    def fixed(n: int) -> tuple[str, ...]:
-        return ("--min_batch_size", str(n), "--max_batch_size", str(n))
-
-    return [
-        Case(f"{tag}: default", big, **weights),
-        Case(f"{tag}: oneDNN off", big, env=(("TF_ENABLE_ONEDNN_OPTS", "0"),),
-             **weights),
-        Case(f"{tag}: single-process", big, SINGLE_PROCESS, **weights),
-        Case(f"{tag}: 2 processes x 1 TF thread, batch 32", big,
-             multi_1 + fixed(32), **weights),
-        Case(f"{tag}: default (again)", big, **weights),
-        Case(f"random {small}: default", small),
-        Case(f"random {small}: single-process", small, SINGLE_PROCESS),
-        Case(f"random {small}: 2 processes x 1 TF thread, batch 64", small,
-             multi_1 + fixed(64)),
-    ]
-
-
-def experiments(b: Bench) -> None:
-    """Single runs of possible product changes, compared by in-run rate."""
-    p = b.params
-    if not p.experiment_size:
-        return
-    b.say("end-to-end experiments")
-    folder = inputs.image_set(b.work / "inputs", p.experiment_size, b.photos())
-    runs = []
-    for case in _experiment_cases(b):
-        run = end_to_end.quiet_run(case, folder, p.experiment_size, b.work)
-        b.say(f"  {case.name}: {run.in_run_images_per_s} images/s in-run, "
-              f"{run.wall_s} s, first row {run.first_row_s} s, foreign load "
-              f"{run.foreign_load}")
-        runs.append({**end_to_end.as_dict(run), "case": case.name,
-                     "args": list(case.args), "env": dict(case.env)})
-    b.results["experiments"] = {"images": p.experiment_size, "runs": runs}
 
 
 def options(b: Bench) -> None:
@@ -287,33 +300,36 @@ def options(b: Bench) -> None:
 
 
 def threads(b: Bench) -> None:
+    """Thread and process layouts of each runtime (what the launcher should
+    set for local runs)."""
     b.say("threads vs processes")
     p = b.params
     out = {}
-    for model in model_speed.MODELS:
-        with Pool(model_speed.thread_configs(model), b.log) as pool:
-            out[model] = model_speed.threads(pool, [8, 32], p.rounds, p.seconds)
+    for runtime in model_speed.RUNTIMES:
+        for model in model_speed.MODELS:
+            configs = model_speed.thread_configs(model, runtime)
+            convert_first(configs[:1], b.log)
+            with Pool(configs, b.log) as pool:
+                # At the job's batch size: what the layouts would run.
+                out[f"{model} on {runtime}"] = model_speed.threads(
+                    pool, [model_speed.job_batch(model)], p.rounds, p.seconds)
+            b.say(f"  {model} on {runtime}: " + ", ".join(
+                f"{layout} {max(r[x]['median'] for x in r):.1f}"
+                for layout, r in out[f"{model} on {runtime}"]["rates"].items() if r))
     b.results["threads"] = out
-
-
-def profile(b: Bench) -> None:
-    n = b.params.e2e_sizes[0]
-    folder = inputs.image_set(b.work / "inputs", n, b.photos())
-    b.results["profile"] = {}
-    for model in model_speed.MODELS:
-        b.say(f"profile: {model}, single-process run of {n} images under py-spy")
-        b.results["profile"][model] = profile_run.run(folder, n, model, b.work)
 
 
 # --- main ------------------------------------------------------------------------------------
 
-def _plan(params: Params, only: list[str] | None) -> list:
+def _plan(only: list[str] | None) -> list:
+    """The measuring core by default; the investigations of CPU options and
+    thread layouts only where named with --only."""
     steps = [("raw", raw_model), ("heads", heads), ("decode", decode),
              ("e2e", e2e)]
-    if params.investigate:
-        steps += [("e2e", experiments), ("options", options),
-                  ("threads", threads), ("profile", profile)]
-    return [(name, fn) for name, fn in steps if not only or name in only]
+    investigations = [("options", options), ("threads", threads)]
+    if not only:
+        return steps
+    return [(name, fn) for name, fn in steps + investigations if name in only]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -325,10 +341,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="results folder (default: benchmarks/results)")
     parser.add_argument("--shared", type=Path, default=env.ROOT.parent / "shared",
                         help="the shared photos and models (default: ../shared)")
+    parser.add_argument("--real_model", action="store_true",
+                        help="quick mode: time the real-weights model too")
     parser.add_argument("--only", nargs="+", choices=SECTIONS,
                         help="run only these sections (for development)")
     args = parser.parse_args(argv)
     params = QUICK if args.quick else FULL
+    if args.real_model:
+        params = dataclasses.replace(params, real_model=True)
     bench = Bench(params, args.out.resolve(), args.shared.resolve())
     bench.results["environment"] = env.describe()
     bench.results["environment"]["pipeline_tf_environment"] = \
@@ -337,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.results["shared"] = {"path": str(bench.shared),
                                "photos": bool(inputs.sample_photos(bench.shared)),
                                "model": bench.shared_model}
-    for name, step in _plan(params, args.only):
+    for name, step in _plan(args.only):
         try:
             step(bench)
         except Exception as e:  # one broken section must not lose the others

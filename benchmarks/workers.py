@@ -34,10 +34,12 @@ class Config:
     intra: int = 0
     inter: int = 0
     shared_model: str | None = None
+    runtime: str = "tensorflow"  # product form: ModelSpec.runtime
 
     def payload(self) -> str:
         return json.dumps({
             "variant": self.variant, "source": self.source, "form": self.form,
+            "runtime": self.runtime,
             "intra": self.intra, "inter": self.inter,
             "shared_model": self.shared_model,
             "size": catalog.get_variant(self.variant).input_size})

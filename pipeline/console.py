@@ -27,6 +27,7 @@ _NATIVE_INFO_OR_WARNING = re.compile(rb"^[IW]\d{4} \d\d:\d\d:[\d.]+ +\d+ \S+:\d+
 _KNOWN_NOISE = (
     b"WARNING: All log messages before absl::InitializeLog() is called",
     b"failed call to cuInit",  # no GPU: expected, not an error
+    b"rebuild TensorFlow with the appropriate compiler flags",  # CPU flags note
     b"No semi_persistent_directory found",  # Beam worker start-up
     b"Discarding unparseable args",  # Beam worker re-parsing our options
 )

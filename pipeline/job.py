@@ -36,7 +36,7 @@ from transforms import listing
 from transforms.composite import EmbedImages, WriteEmbeddingDataset
 from transforms.dataset import EMBEDDINGS, ERRORS, Dataset, DatasetError
 from transforms.decode import DecodeLimits, PreprocessSettings
-from transforms.inference import configure_tensorflow, default_max_batch_size
+from transforms.inference import configure_threads, default_max_batch_size
 from transforms.model import catalog
 from transforms.model.labels import LABEL_SET
 from transforms.model.loading import (ModelSpec, cached_info, load_model,
@@ -132,7 +132,8 @@ def model_spec(embed: EmbedOptions) -> ModelSpec:
         return ModelSpec(variant=embed.model, source=source,
                          handle=embed.model_handle,
                          feature_handle=embed.feature_vector_handle,
-                         hub_version=embed.hub_version, seed=embed.seed)
+                         hub_version=embed.hub_version, seed=embed.seed,
+                         runtime=embed.runtime)
     except (ValueError, catalog.UnknownModelError) as e:
         raise JobError(str(e)) from None
 
@@ -233,7 +234,7 @@ def _process_layout(options: PipelineOptions, embed: EmbedOptions,
             direct.direct_num_workers = workers
     if direct.direct_running_mode in (None, "in_memory"):
         # The launcher is the worker: TF must get its threads before it starts.
-        configure_tensorflow(embed.tf_intra_op_threads, embed.tf_inter_op_threads)
+        configure_threads(embed.tf_intra_op_threads, embed.tf_inter_op_threads)
         return True
     if direct.direct_running_mode != "multi_processing":
         return False
@@ -251,34 +252,45 @@ def _process_layout(options: PipelineOptions, embed: EmbedOptions,
     return False
 
 
-def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool) -> ModelInfo:
-    """The model's metadata before any image is read.
+def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool
+                ) -> tuple[ModelInfo, ModelSpec]:
+    """The model's metadata before any image is read, and the spec the
+    workers load.
 
-    Where only worker processes run it (multi-process, Dataflow), a model
-    whose frozen graph is cached on this machine is not loaded here: that
-    would add seconds to start-up only to read the weights digest.
-    Otherwise it is loaded, which checks it and warms the cache for the
-    workers. Raises ModelUnavailableError when the model cannot be had.
+    The launcher loads the model, which checks it, records its weights
+    digest and the runtime that runs it, and fills the on-disk caches
+    (frozen graph, ONNX conversion) so that local workers only read them.
+    Local workers are then told the runtime the launcher settled on (after
+    its parity check), so every row is made the way the metadata says.
+    With --runtime tensorflow, a launcher that does not run the model itself
+    reads a cached model's metadata instead: loading TensorFlow there costs
+    seconds of start-up for nothing but the digest.
+    Raises ModelUnavailableError when the model cannot be had.
     """
     if dry_run:  # graph only: nothing is read, loaded or written
         variant = catalog.get_variant(spec.variant)
         return ModelInfo(spec.variant, spec.source, spec.describe(),
                          "unknown (dry run)", "unknown (dry run)",
-                         variant.feature_dim)
+                         variant.feature_dim, "unknown (dry run)"), spec
     paths = None
-    if not in_process:
+    if not in_process and spec.runtime == "tensorflow":
         paths = resolve_model(spec)  # once: a gs:// model is listed once here
         info = cached_info(spec, paths)
         if info:
             LOG.info("model %s found in the graph cache (weights sha256 %s); "
                      "the workers load it", spec.describe(),
                      info.weights_sha256[:16])
-            return info
+            return info, spec
     LOG.info("loading %s (%s)", spec.variant, spec.describe())
     model = load_model(spec, paths)
-    LOG.info("model ready: %s; weights sha256 %s", model.heads,
-             model.weights_sha256[:16])
-    return model.info()
+    LOG.info("model ready: %s; runs on %s; weights sha256 %s", model.heads,
+             model.runtime, model.weights_sha256[:16])
+    workers = spec
+    if not in_process and spec.runtime == "auto":
+        chosen = ("onnxruntime" if model.runtime.startswith("onnxruntime")
+                  else "tensorflow")
+        workers = dataclasses.replace(spec, runtime=chosen)
+    return model.info(), workers
 
 
 def _prepare_output(dataset: Dataset, metadata: DatasetMetadata,
@@ -335,8 +347,14 @@ def plan(argv: list[str]) -> Plan:
     patterns = _inputs(embed, dry_run)
     settings, limits = _preprocessing(embed, variant)
     in_process = _process_layout(options, embed, argv, runner)
+    info, worker_spec = _model_info(spec, in_process, dry_run)
+    if runner not in LOCAL_RUNNERS and not dry_run:
+        worker_spec = spec  # remote workers run their own check
+        info = dataclasses.replace(
+            info, runtime=f"{info.runtime}; checked by the launcher, and again "
+                          "by each worker")
     metadata = DatasetMetadata(
-        model=_model_info(spec, in_process, dry_run),
+        model=info,
         preprocessing=settings.to_metadata(), labels=LABEL_SET,
         project_version=pipeline.__version__)
     dataset = Dataset(embed.output)
@@ -344,7 +362,7 @@ def plan(argv: list[str]) -> Plan:
         "-" + uuid.uuid4().hex[:6]
     existing = [] if dry_run else _prepare_output(dataset, metadata,
                                                   embed.overwrite, run_id)
-    return Plan(options, embed, spec, dry_run, settings, limits, dataset,
+    return Plan(options, embed, worker_spec, dry_run, settings, limits, dataset,
                 metadata, patterns, existing, run_id, started_at,
                 _progress_dir(embed, runner))
 

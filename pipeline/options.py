@@ -12,7 +12,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from transforms.decode import JPEG_DECODERS, RESIZE_MODES
 from transforms.model import catalog
-from transforms.model.loading import SOURCES
+from transforms.model.loading import RUNTIMES, SOURCES
 
 
 # argparse turns a ValueError/TypeError of a `type` into "invalid <name>
@@ -155,6 +155,15 @@ class EmbedOptions(PipelineOptions):
         run.add_argument(
             "--model_copies", type=_positive_int, default=None,
             help="With --large_model: how many copies per machine.")
+        run.add_argument(
+            "--runtime", default="auto", choices=RUNTIMES,
+            help="What runs the model (TensorFlow always loads it). auto: "
+                 "ONNX Runtime (its CUDA provider where onnxruntime-gpu and "
+                 "a GPU are there), after checking its outputs against "
+                 "TensorFlow's on a probe batch; TensorFlow where they differ "
+                 "or the conversion fails (one warning says why), or where "
+                 "a GPU is present that only TensorFlow can use. "
+                 "onnxruntime or tensorflow: that one, no fallback.")
         run.add_argument("--tf_intra_op_threads", type=_count, default=0,
                          help="TensorFlow intra-op threads (0: TF default).")
         run.add_argument("--tf_inter_op_threads", type=_count, default=0,

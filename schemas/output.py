@@ -30,6 +30,7 @@ META_KEYS = (
     "weights_sha256",  # digest of the weights actually loaded
     "heads",  # how logits and features were computed (one pass or two)
     "feature_dim",
+    "runtime",  # what ran the model, its version, the parity figures
     "preprocessing",  # JSON of the decode/resize settings
     "labels",  # the label set of `top5_labels`
 )
@@ -45,6 +46,10 @@ class ModelInfo:
     weights_sha256: str  # digest of the weights actually loaded
     heads: str  # how logits and features were computed (one pass or two)
     feature_dim: int
+    # What ran it, its version and the parity check against TensorFlow, e.g.
+    # "onnxruntime 1.32.0 CPUExecutionProvider; parity max|d| ...". Recorded,
+    # not part of the identity: the runtimes agree within the parity limit.
+    runtime: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +88,9 @@ class DatasetMetadata:
         or malformed (callers name the file)."""
         model = ModelInfo(**{f.name: values[f.name]
                              for f in dataclasses.fields(ModelInfo)
-                             if f.name != "feature_dim"},
-                          feature_dim=int(values["feature_dim"]))
+                             if f.name not in ("feature_dim", "runtime")},
+                          feature_dim=int(values["feature_dim"]),
+                          runtime=str(values.get("runtime", "")))
         preprocessing = values["preprocessing"]
         if isinstance(preprocessing, str):
             preprocessing = json.loads(preprocessing)

@@ -38,17 +38,20 @@ BRIEF_COMMAND = (
     "--model_handle gs://bucket/models/mobilenet_v2_100_224")
 
 
-def _documented_command() -> list[str]:
-    """The Dataflow command of the README, variables filled in."""
+def _documented_commands() -> list[list[str]]:
+    """The Dataflow commands of the README, in order, variables filled in
+    (a later block may use the variables an earlier one set)."""
     text = DOC.read_text()
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
-    (block,) = [b for b in blocks if "--runner DataflowRunner" in b]
-    variables = dict(re.findall(r"^(\w+)=(\S+)$", block, re.M))
-    command = block.split("python -m pipeline run", 1)[1].replace("\\\n", " ")
-    for name, value in variables.items():
-        command = command.replace(f"${name}", value)
-    assert "$" not in command, command
-    return shlex.split(command)
+    commands, variables = [], {}
+    for block in [b for b in blocks if "--runner DataflowRunner" in b]:
+        variables.update(re.findall(r"^(\w+)=(\S+)", block, re.M))
+        command = block.split("python -m pipeline run", 1)[1].replace("\\\n", " ")
+        for name, value in variables.items():
+            command = command.replace(f"${name}", value)
+        assert "$" not in command, command
+        commands.append(shlex.split(command))
+    return commands
 
 
 class _Captured:
@@ -143,11 +146,14 @@ def test_dataflow_dry_run_translates_the_job(dataflow_dry_run):
     assert cloud.temp_location.startswith("gs://bucket/tmp")
 
 
-def test_the_documented_dataflow_command_translates(dataflow_dry_run):
-    """the README's command, exactly, plus --dry_run --no_auth."""
+@pytest.mark.parametrize("which", [0, 1], ids=["cpu", "gpu"])
+def test_the_documented_dataflow_command_translates(dataflow_dry_run, which):
+    """the README's commands, exactly, plus --dry_run --no_auth."""
     from apache_beam.options.pipeline_options import (DebugOptions,
                                                       WorkerOptions)
-    args = _documented_command()
+    commands = _documented_commands()
+    assert len(commands) == 2
+    args = commands[which]
     assert "--setup_file" in args and "DataflowRunner" in args
     assert dataflow_dry_run([*args, "--dry_run", "--no_auth"]) == 0
     runner = dataflow_dry_run.captured.runner
@@ -155,8 +161,9 @@ def test_the_documented_dataflow_command_translates(dataflow_dry_run):
     options = runner.job.options
     documented = dict(zip(args[::2], args[1::2]))
     assert options.view_as(WorkerOptions).machine_type == documented["--machine_type"]
-    assert options.view_as(WorkerOptions).max_num_workers == int(
-        documented["--max_num_workers"])
+    if "--max_num_workers" in documented:
+        assert options.view_as(WorkerOptions).max_num_workers == int(
+            documented["--max_num_workers"])
     assert "use_runner_v2" in options.view_as(DebugOptions).experiments
 
 

@@ -23,16 +23,23 @@ def _labels() -> dict[str, int]:
         return {row["file"]: int(row["class_index_1001"]) for row in csv.DictReader(f)}
 
 
-@pytest.fixture(scope="module", params=["v1_signatures", "two_folders"])
+@pytest.fixture(scope="module", params=["v1_signatures", "two_folders",
+                                        "two_folders_tensorflow"])
 def sample_run(request, tmp_path_factory):
-    """The 200 labelled ImageNet photos through the job, per model layout."""
+    """The 200 labelled ImageNet photos through the job, per model layout
+    and runtime (ONNX Runtime by default, TensorFlow when forced)."""
     if not (SAMPLE / "labels.csv").exists() or not SHARED_MODEL.exists():
         pytest.skip(f"needs the shared photos and models (absent: {SAMPLE})")
     handle = SHARED_MODEL / "v1_signatures" if request.param == "v1_signatures" \
         else SHARED_MODEL
+    runtime = "tensorflow" if request.param.endswith("tensorflow") else "auto"
     output = tmp_path_factory.mktemp(f"sample_{request.param}")
-    code = run_job("--input", SAMPLE, "--output", output, "--model_handle", handle)
+    code = run_job("--input", SAMPLE, "--output", output, "--model_handle", handle,
+                   "--runtime", runtime)
     assert code == 0
+    meta = read_metadata(pq.read_schema(next(output.glob("embeddings/*.parquet"))))
+    assert meta.model.runtime.startswith(
+        "tensorflow" if runtime == "tensorflow" else "onnxruntime"), meta.model.runtime
     return output
 
 

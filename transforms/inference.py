@@ -2,7 +2,9 @@
 
 Beam's TFModelHandlerTensor loads with tf.keras.models.load_model, which reads
 neither TF-Hub modules nor legacy SavedModels under Keras 3, so this handler
-loads through `transforms.model.loading` instead. RunInference gives the rest:
+loads through `transforms.model.loading` instead; the model then runs on ONNX
+Runtime or TensorFlow as its `ModelSpec.runtime` says (`LoadedModel.runtime`
+tells which, and why). RunInference gives the rest:
 one model per worker process shared by its threads (or one per machine with
 `large_model`), bounded batches, and its own metrics.
 
@@ -20,11 +22,12 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from transforms.model import threads
 from transforms.model.loading import LoadedModel, ModelSpec, load_model
-from schemas import TOP_K, DecodedImage, Embedding, FailedImage
+from schemas import (METRICS_NAMESPACE, TOP_K, DecodedImage, Embedding,
+                     FailedImage)
 
 LOG = logging.getLogger(__name__)
-NAMESPACE = "mobilenet_embed"
 
 Result = Union[Embedding, FailedImage]
 
@@ -44,28 +47,12 @@ def tensorflow_environment() -> dict[str, str]:
     return {"TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1")}
 
 
-def configure_tensorflow(intra_op_threads: int = 0,
-                         inter_op_threads: int = 0) -> None:
-    """Set TensorFlow's thread pools (0 keeps TF's default: all cores).
-
-    Must run before TensorFlow executes its first op in this process; later
-    calls are ignored with a note, since TF cannot change them once started.
-    """
-    import tensorflow as tf
-    try:
-        if intra_op_threads:
-            tf.config.threading.set_intra_op_parallelism_threads(
-                intra_op_threads)
-        if inter_op_threads:
-            tf.config.threading.set_inter_op_parallelism_threads(
-                inter_op_threads)
-    except RuntimeError:
-        current = (tf.config.threading.get_intra_op_parallelism_threads(),
-                   tf.config.threading.get_inter_op_parallelism_threads())
-        if current != (intra_op_threads or current[0],
-                       inter_op_threads or current[1]):
-            LOG.warning("TensorFlow already started with intra/inter-op "
-                        "threads %s; cannot change them now", current)
+def configure_threads(intra_op_threads: int = 0,
+                      inter_op_threads: int = 0) -> None:
+    """Threads of the model's runtime in this process (0: its default, all
+    cores): ONNX Runtime's session or TensorFlow's pools, whichever runs the
+    model. Call before loading it; TensorFlow is not imported for this."""
+    threads.configure(intra_op_threads, inter_op_threads)
 
 
 def default_max_batch_size(input_size: int) -> int:
@@ -93,7 +80,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
         self._threads = (intra_op_threads, inter_op_threads)
 
     def load_model(self) -> LoadedModel:
-        configure_tensorflow(*self._threads)
+        configure_threads(*self._threads)
         model = load_model(self._spec)
         if (self._expected_digest
                 and model.weights_sha256 != self._expected_digest):
@@ -103,6 +90,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
                 f"worker loaded weights {model.weights_sha256[:16]}... for "
                 f"{self._spec.describe()}, but the job was planned with "
                 f"{self._expected_digest[:16]}...; refusing to mix them")
+        LOG.info("model %s runs on %s", self._spec.variant, model.runtime)
         return model
 
     def run_inference(self, batch: Sequence[DecodedImage], model: LoadedModel,
@@ -117,7 +105,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
             LOG.warning("a batch of %d failed in inference (%s: %s); "
                         "retrying its images one by one", len(batch),
                         type(e).__name__, e)
-            Metrics.counter(NAMESPACE, "inference_batch_retries").inc()
+            Metrics.counter(METRICS_NAMESPACE, "inference_batch_retries").inc()
             return [result for image in batch
                     for result in self.run_inference([image], model)]
         top_ids, top_probs = top_k(logits, TOP_K)
@@ -128,7 +116,7 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
         return sum(image.pixels.nbytes for image in batch)
 
     def get_metrics_namespace(self) -> str:
-        return NAMESPACE
+        return METRICS_NAMESPACE
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,10 +152,10 @@ def _failure(image: DecodedImage, error: Exception) -> FailedImage:
 class _SplitFailures(beam.DoFn):
     def process(self, result: Result):
         if isinstance(result, FailedImage):
-            Metrics.counter(NAMESPACE, "failed_inference").inc()
+            Metrics.counter(METRICS_NAMESPACE, "failed_inference").inc()
             yield beam.pvalue.TaggedOutput(Embed.FAILED, result)
         else:
-            Metrics.counter(NAMESPACE, "images_embedded").inc()
+            Metrics.counter(METRICS_NAMESPACE, "images_embedded").inc()
             yield result
 
 

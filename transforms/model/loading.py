@@ -14,8 +14,11 @@ Layouts understood (whatever the source):
   /4-/5  one callable SavedModel per head (classification/, feature_vector/);
        the two are fused into one graph by `fusion.fuse_heads`.
 
-Every path ends in `LoadedModel`: uint8 pixels [N, H, W, 3] in, float32
-(logits [N, 1001], features [N, d]) out, plus what to record about it.
+Every path ends in one frozen two-output graph (cached on disk), run by
+ONNX Runtime after a parity check against TensorFlow, or by TensorFlow
+(`ModelSpec.runtime`; see `onnx_runtime`), and in `LoadedModel`: uint8
+pixels [N, H, W, 3] in, float32 (logits [N, 1001], features [N, d]) out,
+plus what to record about it (`runtime`, `parity`).
 """
 from __future__ import annotations
 
@@ -33,10 +36,13 @@ from typing import Callable, Optional
 import numpy as np
 
 from schemas import ModelInfo
-from transforms.model import catalog
+from transforms.model import catalog, onnx_runtime
 
 LOG = logging.getLogger(__name__)
 SOURCES = ("tfhub", "saved_model", "random")
+# auto: ONNX Runtime where its outputs match TensorFlow's (else TensorFlow);
+# the other two force one runtime.
+RUNTIMES = ("auto", "onnxruntime", "tensorflow")
 _CLS_SIG, _FV_SIG = "image_classification", "image_feature_vector"
 
 
@@ -53,9 +59,13 @@ class ModelSpec:
     feature_handle: Optional[str] = None  # /4-/5: the feature-vector model
     hub_version: int = catalog.DEFAULT_HUB_VERSION
     seed: int = 0  # random source only
+    runtime: str = "auto"  # one of RUNTIMES
 
     def __post_init__(self):
         catalog.get_variant(self.variant)  # clear error for unknown names
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"unknown runtime {self.runtime!r}; use one of "
+                             f"{', '.join(RUNTIMES)}")
         if self.source not in SOURCES:
             raise ValueError(f"unknown model source {self.source!r}; use one "
                              f"of {', '.join(SOURCES)}")
@@ -92,7 +102,14 @@ class LoadedModel:
     feature_dim: int
     weights_sha256: str
     heads: str  # how logits and features are computed, for the record
-    predict_fn: Callable  # tf.function: uint8 [N, H, W, 3] -> (logits, features)
+    # uint8 [N, H, W, 3] -> (logits, features), numpy float32: a TensorFlow
+    # function or an ONNX Runtime session.
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    # What runs it, for the record, e.g. "onnxruntime 1.32.0
+    # CPUExecutionProvider; parity max|d| ...", or "tensorflow 2.21.0 CPU;
+    # fallback: ..." saying why TensorFlow runs it.
+    runtime: str = ""
+    parity: Optional["onnx_runtime.Parity"] = None  # where ONNX Runtime was tried
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, 3] -> (logits [N, 1001], features [N, d]), float32.
@@ -104,16 +121,17 @@ class LoadedModel:
         first call. Rows are independent, so zero padding changes nothing.
         """
         if not len(pixels):
-            logits, features = self.predict_fn(pixels)
-            return logits.numpy(), features.numpy()
+            return (np.zeros((0, catalog.get_variant(self.spec.variant)
+                              .num_classes), np.float32),
+                    np.zeros((0, self.feature_dim), np.float32))
         parts, start = [], 0
         for size, padded in padded_batch_sizes(len(pixels)):
             chunk = pixels[start:start + size]
             if padded > size:
                 chunk = np.concatenate([chunk, np.zeros(
                     (padded - size,) + chunk.shape[1:], chunk.dtype)])
-            logits, features = self.predict_fn(chunk)
-            parts.append((logits.numpy()[:size], features.numpy()[:size]))
+            logits, features = self.run(chunk)
+            parts.append((logits[:size], features[:size]))
             start += size
         if len(parts) == 1:
             return parts[0]
@@ -122,16 +140,16 @@ class LoadedModel:
 
     def info(self) -> ModelInfo:
         return _info(self.spec, self.weights_sha256, self.heads,
-                     self.feature_dim)
+                     self.feature_dim, self.runtime)
 
 
 def _info(spec: ModelSpec, weights_sha256: str, heads: str,
-          feature_dim: int) -> ModelInfo:
+          feature_dim: int, runtime: str) -> ModelInfo:
     """The model's part of the output's metadata."""
     return ModelInfo(model=spec.variant, model_source=spec.source,
                      model_handle=spec.describe(),
                      weights_sha256=weights_sha256, heads=heads,
-                     feature_dim=feature_dim)
+                     feature_dim=feature_dim, runtime=runtime)
 
 
 BATCH_STEP = 8
@@ -304,9 +322,9 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
     """The seeded architecture, frozen like every other source (the same
     graph optimizations apply, and oneDNN then gives the same results
     whatever the batch size), and cached on disk like them."""
-    import tensorflow as tf
-
     def build():
+        import tensorflow as tf  # here: a cached model may not need it
+
         from transforms.model import architecture, fusion
 
         model = architecture.build_random_model(variant, spec.seed)
@@ -335,9 +353,21 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel
 
 
 def _load_frozen(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
-    """The frozen graph from the cache, else `build()` it; cached only once
-    it has passed `_finish`'s checks, so a cache hit is a model known to
-    work (`cached_info` relies on that)."""
+    """The model on the runtime `spec.runtime` asks for (see RUNTIMES)."""
+    reason = _tensorflow_reason(spec)
+    if reason:
+        model, _ = _load_tensorflow(spec, variant, cache, build)
+        return _on_tensorflow(model, reason)
+    return _load_onnx(spec, variant, cache, build)
+
+
+def _load_tensorflow(spec: ModelSpec, variant, cache: str, build):
+    """(LoadedModel on TensorFlow, its FrozenGraph): the frozen graph from
+    the cache, else `build()` it; cached only once it has passed `_finish`'s
+    checks, so a cache hit is a model known to work (`cached_info`
+    relies on that)."""
+    from transforms.model import threads
+    threads.apply_tensorflow()  # before TensorFlow's first op in this process
     frozen = _read_graph(cache)
     fresh = frozen is None
     if fresh:
@@ -346,7 +376,92 @@ def _load_frozen(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
                      frozen.note)
     if fresh:
         _write_graph(cache, frozen)
-    return loaded
+    return loaded, frozen
+
+
+def _on_tensorflow(model: LoadedModel, reason: str,
+                   parity: Optional[onnx_runtime.Parity] = None) -> LoadedModel:
+    import tensorflow as tf
+    device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+    model.runtime = f"tensorflow {tf.__version__} {device}; {reason}"
+    model.parity = parity
+    return model
+
+
+def gpu_present() -> bool:
+    """An NVIDIA GPU this process can see (without importing a framework)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = "/proc/driver/nvidia/gpus"
+    return os.path.isdir(gpus) and bool(os.listdir(gpus))
+
+
+def _tensorflow_reason(spec: ModelSpec) -> Optional[str]:
+    """Why TensorFlow runs `spec` without trying ONNX Runtime; None: try it."""
+    if spec.runtime == "tensorflow":
+        return "chosen with --runtime tensorflow"
+    if spec.runtime == "auto" and gpu_present() and (
+            "CUDAExecutionProvider" not in onnx_runtime.providers()):
+        # TensorFlow uses the GPU by itself; this onnxruntime could not.
+        return ("a GPU is present and this onnxruntime has no CUDA provider "
+                "(install onnxruntime-gpu to run it there)")
+    return None
+
+
+def _load_onnx(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
+    """ONNX Runtime on the cached conversion (converted now where absent),
+    checked on the probe batch against TensorFlow's outputs. With `auto`,
+    any failure or a parity beyond tolerance falls back to TensorFlow with
+    one warning; `onnxruntime` (forced) fails instead, or, on parity alone,
+    warns and runs it anyway."""
+    forced = spec.runtime == "onnxruntime"
+    size = variant.input_size
+    path = onnx_runtime.cache_path(cache)
+    converted = onnx_runtime.read_cache(path)
+    tf_model = None
+
+    def fall_back(what: str, error: Optional[Exception] = None,
+                  parity: Optional[onnx_runtime.Parity] = None) -> LoadedModel:
+        detail = f"{type(error).__name__}: {_first_line(error)}" if error \
+            else parity.describe()
+        if forced:
+            raise ModelUnavailableError(
+                f"{spec.describe()}: {what} ({detail}). Use --runtime "
+                "tensorflow (or auto) to run it with TensorFlow.") from error
+        LOG.warning("%s: %s (%s); running it with TensorFlow instead",
+                    spec.describe(), what, detail)
+        model = tf_model or _load_tensorflow(spec, variant, cache, build)[0]
+        return _on_tensorflow(model, f"fallback: {what} ({detail})", parity)
+
+    if converted is None:
+        tf_model, frozen = _load_tensorflow(spec, variant, cache, build)
+        try:
+            converted = onnx_runtime.Converted(
+                onnx_runtime.convert(frozen, size),
+                tf_model.run(onnx_runtime.probe_pixels(size)),
+                frozen.weights_sha256, frozen.note, onnx_runtime.converter())
+        except Exception as e:  # an op tf2onnx cannot convert, ...
+            return fall_back("the model could not be converted to ONNX", e)
+        onnx_runtime.write_cache(path, converted)
+        LOG.info("converted %s to ONNX with %s; cached in %s",
+                 spec.variant, converted.converter, path + ".onnx")
+    try:
+        runner = onnx_runtime.OnnxRunner(converted.model)
+        parity = onnx_runtime.compare(
+            converted.reference, runner(onnx_runtime.probe_pixels(size)))
+    except Exception as e:
+        return fall_back("ONNX Runtime could not run the converted model", e)
+    if not parity.passed:
+        if not forced:
+            return fall_back("the ONNX Runtime outputs differ from "
+                             "TensorFlow's beyond tolerance", parity=parity)
+        LOG.warning("%s: the ONNX Runtime outputs differ from TensorFlow's "
+                    "beyond tolerance (%s); running it with ONNX Runtime as "
+                    "--runtime onnxruntime asks", spec.describe(),
+                    parity.describe())
+    return LoadedModel(spec, size, variant.feature_dim,
+                       converted.weights_sha256, converted.heads, runner,
+                       f"{runner.describe()}; {parity.describe()}", parity)
 
 
 def _random_cache_path(spec: ModelSpec, variant) -> str:
@@ -395,7 +510,9 @@ def cached_info(spec: ModelSpec, paths: Optional[list[str]] = None
         return None
     if digest is not None and weights != digest:
         return None
-    return _info(spec, weights, note, variant.feature_dim)
+    return _info(spec, weights, note, variant.feature_dim,
+                 f"tensorflow {_version('tensorflow')}; decided by each worker "
+                 f"(--runtime {spec.runtime})")
 
 
 def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
@@ -581,7 +698,11 @@ def _finish(spec, variant, both, digest, heads) -> LoadedModel:
             f"features {list(features.shape[1:])}, but {variant.name} has "
             f"[{variant.num_classes}] and [{variant.feature_dim}]. Is it the "
             "right variant?")
-    return LoadedModel(spec, size, variant.feature_dim, digest, heads, predict)
+    def run(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, features = predict(pixels)
+        return logits.numpy(), features.numpy()
+
+    return LoadedModel(spec, size, variant.feature_dim, digest, heads, run)
 
 
 def _first_line(e: Exception) -> str:
