@@ -384,3 +384,20 @@ def test_the_duckdb_recipe_in_the_docs_agrees_with_query(dataset, capsys):
     assert query_main([str(out), "--id", target, "--k", "5", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)["neighbors"]
     assert [s for _, s in rows] == pytest.approx([n["score"] for n in ours], abs=1e-4)
+
+
+def test_a_grown_compressed_index_keeps_its_vectors_file_in_step(tmp_path):
+    """Adding to an index with re-ranking appends to the exact vectors too:
+    every row, old or new, finds itself first with its exact score."""
+    x = clustered(2000, d=32, centers=200, spread=0.3, seed=11)
+    ids = [f"img{i}" for i in range(2000)]
+    build_index(ArrayVectors(x[:1200], image_ids=ids[:1200]), str(tmp_path),
+                index_key="IVF16,SQ8", recall_queries=100, progress=quiet)
+    grown = build_index(ArrayVectors(x, image_ids=ids), str(tmp_path),
+                        index_key="IVF16,SQ8", recall_queries=100, progress=quiet)
+    assert grown["incremental"] and grown["rows_added"] == 800
+    index = SearchIndex.open(str(tmp_path))
+    probe = np.array([0, 1199, 1200, 1999])
+    found = index.search(x[probe], 1)
+    assert [f[0].image_id for f in found] == [ids[i] for i in probe]
+    assert [f[0].score for f in found] == pytest.approx([1.0] * 4, abs=1e-5)
