@@ -125,11 +125,11 @@ def test_an_index_of_other_vectors_is_refused_unless_rebuilt(tmp_path):
     (5_000, 8 * GIB, "Flat", False),
     (100_000, 8 * GIB, "HNSW32,Flat", False),
     # A graph of 100k x 1280 floats (0.5 GiB) does not fit 70% of 512 MiB.
-    (100_000, GIB // 2, "IVF256,SQ8", True),
-    (1_000_000, 8 * GIB, "IVF1024,SQ8", True),
+    (100_000, GIB // 2, "IVF512,SQ8", True),
+    (1_000_000, 8 * GIB, "IVF2048,SQ8", True),
     # 10M 8-bit codes are 11.9 GiB, over 70% of 8 GiB: 160-byte PQ codes.
-    (10_000_000, 8 * GIB, "IVF4096,PQ160", True),
-    (10_000_000, 32 * GIB, "IVF4096,SQ8", True),
+    (10_000_000, 8 * GIB, "IVF8192,PQ160", True),
+    (10_000_000, 32 * GIB, "IVF8192,SQ8", True),
 ])
 def test_auto_choice_follows_size_and_memory(rows, memory, key, rerank):
     choice = choose_index(rows, 1280, memory)
