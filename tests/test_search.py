@@ -125,11 +125,11 @@ def test_an_index_of_other_vectors_is_refused_unless_rebuilt(tmp_path):
     (5_000, 8 * GIB, "Flat", False),
     (100_000, 8 * GIB, "HNSW32,Flat", False),
     # A graph of 100k x 1280 floats (0.5 GiB) does not fit 70% of 512 MiB.
-    (100_000, GIB // 2, "IVF256,SQ8", True),
-    (1_000_000, 8 * GIB, "IVF1024,SQ8", True),
+    (100_000, GIB // 2, "IVF512,SQ8", True),
+    (1_000_000, 8 * GIB, "IVF2048,SQ8", True),
     # 10M 8-bit codes are 11.9 GiB, over 70% of 8 GiB: 160-byte PQ codes.
-    (10_000_000, 8 * GIB, "IVF4096,PQ160", True),
-    (10_000_000, 32 * GIB, "IVF4096,SQ8", True),
+    (10_000_000, 8 * GIB, "IVF8192,PQ160", True),
+    (10_000_000, 32 * GIB, "IVF8192,SQ8", True),
 ])
 def test_auto_choice_follows_size_and_memory(rows, memory, key, rerank):
     choice = choose_index(rows, 1280, memory)
@@ -384,3 +384,20 @@ def test_the_duckdb_recipe_in_the_docs_agrees_with_query(dataset, capsys):
     assert query_main([str(out), "--id", target, "--k", "5", "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)["neighbors"]
     assert [s for _, s in rows] == pytest.approx([n["score"] for n in ours], abs=1e-4)
+
+
+def test_a_grown_compressed_index_keeps_its_vectors_file_in_step(tmp_path):
+    """Adding to an index with re-ranking appends to the exact vectors too:
+    every row, old or new, finds itself first with its exact score."""
+    x = clustered(2000, d=32, centers=200, spread=0.3, seed=11)
+    ids = [f"img{i}" for i in range(2000)]
+    build_index(ArrayVectors(x[:1200], image_ids=ids[:1200]), str(tmp_path),
+                index_key="IVF16,SQ8", recall_queries=100, progress=quiet)
+    grown = build_index(ArrayVectors(x, image_ids=ids), str(tmp_path),
+                        index_key="IVF16,SQ8", recall_queries=100, progress=quiet)
+    assert grown["incremental"] and grown["rows_added"] == 800
+    index = SearchIndex.open(str(tmp_path))
+    probe = np.array([0, 1199, 1200, 1999])
+    found = index.search(x[probe], 1)
+    assert [f[0].image_id for f in found] == [ids[i] for i in probe]
+    assert [f[0].score for f in found] == pytest.approx([1.0] * 4, abs=1e-5)

@@ -3,7 +3,7 @@
 A `VectorSource` is anything that can say how many rows it has, what made
 them (the identity an index records and checks) and stream them in batches
 of (image_ids, uris, vectors). The dataset reader (`source.DatasetVectors`)
-and the benchmark's synthetic vectors (`benchmarks/search_bench.py`) are two;
+and the benchmark's synthetic vectors (`benchmarks/search.py`) are two;
 `ArrayVectors` wraps arrays already in memory (a notebook, a test).
 """
 from __future__ import annotations
