@@ -367,7 +367,7 @@ def test_mixed_models_and_foreign_indexes_are_refused(dataset, tmp_path, capsys)
 
 
 def test_the_duckdb_recipe_in_the_docs_agrees_with_query(dataset, capsys):
-    """docs/search.md's DuckDB query, run as written, ranks like `query --id`."""
+    """The README's DuckDB recipe, run as written, ranks like `query --id`."""
     duckdb = pytest.importorskip("duckdb")
     _, out = dataset
     ids = read_embeddings(out).column("image_id").to_pylist()
