@@ -16,27 +16,21 @@ errors/ and run_summary.json atomically. It does not take the output's lock
 """
 from __future__ import annotations
 
-import hashlib
 import time
-from typing import Optional, Union
+from typing import Optional
 
 import apache_beam as beam
 
-from schemas import DatasetMetadata, DecodedImage, FailedImage, ImageRef
+from schemas import DatasetMetadata
 from transforms import listing
 from transforms.dataset import EMBEDDINGS, ERRORS, Dataset
-from transforms.decode import (DecodeLimits, ImageError, PreprocessSettings,
-                               ReadDecodeResize, decode_and_resize)
+from transforms.decode import DecodeLimits, PreprocessSettings, ReadDecodeResize
 from transforms.inference import Embed, MobileNetV2Handler
 from transforms.model import catalog
 from transforms.model.labels import LABEL_SET, imagenet_labels
 from transforms.model.loading import ModelSpec, load_model
 from transforms.report import Summarize
-from transforms.uris import redact
 from transforms.write import EmbeddingRows, ErrorRows, WriteParquetFiles
-
-ImageInput = Union[str, ImageRef, tuple]
-
 
 def default_settings(spec: ModelSpec) -> PreprocessSettings:
     """The preprocessing the modules expect, at the model's input size."""
@@ -64,47 +58,6 @@ def _project_version() -> str:
         return "unknown"
 
 
-class _ToRef(beam.DoFn):
-    """str / ImageRef -> ImageRef (main); (image_id, bytes) -> "bytes"."""
-    BYTES = "bytes"
-
-    def process(self, element: ImageInput):
-        if isinstance(element, ImageRef):
-            yield element
-        elif isinstance(element, str):
-            yield ImageRef(redact(element), element)
-        else:
-            yield beam.pvalue.TaggedOutput(self.BYTES, element)
-
-
-class _DecodeBytes(beam.DoFn):
-    """(image_id, bytes) -> DecodedImage, or FailedImage on "failed"."""
-    FAILED = "failed"
-
-    def __init__(self, settings: PreprocessSettings, limits: DecodeLimits):
-        self._settings = settings
-        self._limits = limits
-
-    def process(self, element):
-        image_id, data = element
-        image_id = str(image_id)
-        digest = hashlib.sha256(data).hexdigest() if data else None
-        try:
-            if len(data) > self._limits.max_bytes:
-                raise ImageError("read", "FileTooLarge",
-                                 f"{len(data)} bytes, over the limit of "
-                                 f"{self._limits.max_bytes}")
-            pixels, width, height = decode_and_resize(
-                bytes(data), self._settings, self._limits)
-        except ImageError as e:
-            yield beam.pvalue.TaggedOutput(self.FAILED, FailedImage(
-                image_id, f"bytes:{image_id}", e.stage, e.error_class,
-                e.message, digest))
-            return
-        yield DecodedImage(image_id, f"bytes:{image_id}", pixels, width, height,
-                           digest, len(data))
-
-
 class EmbedImages(beam.PTransform):
     """Images in; {"embedded": Embedding, "failed": FailedImage} out."""
     EMBEDDED, FAILED = "embedded", "failed"
@@ -130,19 +83,13 @@ class EmbedImages(beam.PTransform):
             inter_op_threads=inter_op_threads)
 
     def expand(self, images):
-        refs = images | "ToRefs" >> beam.ParDo(_ToRef()).with_outputs(
-            _ToRef.BYTES, main="refs")
-        read = refs.refs | "ReadDecodeResize" >> beam.ParDo(
+        # Decode and inference fuse into one stage: a Flatten of decoded
+        # images here would make the runner buffer every image's pixels.
+        decoded = images | "ReadDecodeResize" >> beam.ParDo(
             ReadDecodeResize(self._settings, self._limits)).with_outputs(
                 ReadDecodeResize.FAILED, main="images")
-        from_bytes = refs[_ToRef.BYTES] | "DecodeBytes" >> beam.ParDo(
-            _DecodeBytes(self._settings, self._limits)).with_outputs(
-                _DecodeBytes.FAILED, main="images")
-        decoded = ((read.images, from_bytes.images)
-                   | "AllDecoded" >> beam.Flatten())
-        embedded = decoded | "Embed" >> Embed(self._handler)
-        failed = ((read[ReadDecodeResize.FAILED], from_bytes[_DecodeBytes.FAILED],
-                   embedded[Embed.FAILED])
+        embedded = decoded.images | "Embed" >> Embed(self._handler)
+        failed = ((decoded[ReadDecodeResize.FAILED], embedded[Embed.FAILED])
                   | "AllFailed" >> beam.Flatten())
         return {self.EMBEDDED: embedded.embedded, self.FAILED: failed}
 

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from schemas import DatasetMetadata, read_metadata
-from transforms.uris import is_local, redact
+from transforms.uris import is_local, join, redact
 
 LOG = logging.getLogger(__name__)
 EMBEDDINGS, ERRORS = "embeddings", "errors"
@@ -70,9 +70,7 @@ class Dataset:
     # --- layout -------------------------------------------------------------
 
     def join(self, *parts: str) -> str:
-        if is_local(self.root):
-            return os.path.join(self.root, *parts)
-        return "/".join([self.root, *parts])
+        return join(self.root, *parts)
 
     @property
     def shown(self) -> str:
@@ -357,17 +355,7 @@ class Dataset:
     # --- small JSON files ---------------------------------------------------
 
     def write_json(self, path: str, payload: dict) -> None:
-        """Write JSON atomically (temp file then rename where local)."""
-        data = (json.dumps(payload, indent=2) + "\n").encode()
-        if is_local(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(temp, "wb") as f:
-                f.write(data)
-            os.replace(temp, path)
-        else:
-            with FileSystems.create(path, mime_type="application/json") as f:
-                f.write(data)
+        write_file_atomically(path, (json.dumps(payload, indent=2) + "\n").encode())
 
     def read_json(self, path: str, missing_ok: bool = True) -> Optional[dict]:
         try:
@@ -439,6 +427,22 @@ class PartWriter:
 
 
 # --- helpers ---------------------------------------------------------------------
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """A whole file or none: locally a temp file, fsynced, renamed into
+    place; on GCS an object appears only when its upload completes."""
+    if not is_local(path):
+        with FileSystems.create(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+    with open(temp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temp, path)
+
 
 def _create_exclusive(path: str, data: bytes) -> bool:
     """Create `path` holding `data` unless it exists; False if it did."""

@@ -886,11 +886,24 @@ def _describe(data: bytes) -> str:
 
 # --- the Beam stage ---------------------------------------------------------
 
+def _as_ref(element) -> tuple[ImageRef, bytes | None]:
+    """An ImageRef, a URI, or (image_id, bytes) -> (ref, bytes if given)."""
+    if isinstance(element, ImageRef):
+        return element, None
+    if isinstance(element, str):
+        return ImageRef(redact(element), element), None
+    image_id, data = element
+    return ImageRef(str(image_id), f"bytes:{image_id}"), bytes(data)
+
+
 class ReadDecodeResize(beam.DoFn):
-    """ImageRef -> DecodedImage, or FailedImage on the FAILED output.
+    """ImageRef (or a URI, or (image_id, bytes)) -> DecodedImage, or
+    FailedImage on the FAILED output.
 
     Never raises for a bad image: one hostile file must not fail (and, on
-    retry, re-fail) a bundle of good ones.
+    retry, re-fail) a bundle of good ones. One DoFn for every kind of input,
+    so decoding fuses with inference: no decoded pixels are ever buffered
+    between stages.
     """
     FAILED = "failed"
 
@@ -909,10 +922,16 @@ class ReadDecodeResize(beam.DoFn):
             self._decoded.inc()
             yield result
 
-    def _decode(self, ref: ImageRef) -> DecodedImage | FailedImage:
+    def _decode(self, element) -> DecodedImage | FailedImage:
+        ref, data = _as_ref(element)
         digest = None
         try:
-            data = read_bytes(ref.uri, self._limits.max_bytes)
+            if data is None:
+                data = read_bytes(ref.uri, self._limits.max_bytes)
+            elif len(data) > self._limits.max_bytes:
+                raise ImageError("read", "FileTooLarge",
+                                 f"{len(data)} bytes, over the limit of "
+                                 f"{self._limits.max_bytes}")
             self._bytes_read.inc(len(data))
             digest = hashlib.sha256(data).hexdigest()
             pixels, width, height = decode_and_resize(data, self._settings, self._limits)

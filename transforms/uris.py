@@ -3,6 +3,7 @@ rule for what of them may be shown (credentials never reach a file or a log).
 """
 from __future__ import annotations
 
+import os
 import re
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
@@ -16,6 +17,13 @@ URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>]+")
 def is_local(path: str) -> bool:
     """A path on this machine's filesystem, not a `scheme://` URI."""
     return "://" not in path
+
+
+def join(folder: str, *names: str) -> str:
+    """A path under `folder`: os.path.join locally, '/' for a URI."""
+    if is_local(folder):
+        return os.path.join(folder, *names)
+    return "/".join([folder.rstrip("/"), *names])
 
 
 def redact(uri: str) -> str:

@@ -1,40 +1,17 @@
-"""Writing result files atomically, local or gs:// (the search outputs)."""
+"""Writing search results (index files, pairs, pages, exports) whole or not
+at all, local or gs://, with the dataset's own atomic writer."""
 from __future__ import annotations
 
 import io
 import json
-import os
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from apache_beam.io.filesystems import FileSystems
 
+from transforms.dataset import write_file_atomically as write_bytes
+from transforms.uris import join
 
-def is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
-def join(folder: str, *names: str) -> str:
-    if is_remote(folder):
-        return "/".join([folder.rstrip("/"), *names])
-    return os.path.join(folder, *names)
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Local: temp file, fsync, rename. gs://: an object appears whole when
-    its upload completes."""
-    if is_remote(path):
-        with FileSystems.create(path) as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(temp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+__all__ = ["join", "write_bytes", "write_json", "write_parquet"]
 
 
 def write_parquet(table: pa.Table, path: str) -> None:

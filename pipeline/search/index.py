@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 from pipeline.search.errors import SearchError
 from pipeline.search.vectors import VectorSource, normalize
+from transforms.uris import is_local
 
 LOG = logging.getLogger(__name__)
 
@@ -343,18 +344,14 @@ def read_infos(folder: str) -> Optional[dict]:
                           f"{folder} and build the index again") from None
 
 
-def _write_json_atomic(path: str, payload: dict) -> None:
-    temp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(temp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temp, path)
+def _write_json(path: str, payload: dict) -> None:
+    # The dataset's atomic writer; imported here, as it brings in Beam.
+    from pipeline.search.files import write_json
+    write_json(path, payload)
 
 
 def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+    return not is_local(path)
 
 
 _DOWNLOADED: dict[str, str] = {}
@@ -600,7 +597,7 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
             "faiss_version": faiss.__version__,
             "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_json_atomic(os.path.join(files, INDEX_INFOS), infos)
+        _write_json(os.path.join(files, INDEX_INFOS), infos)
         _commit(work, to, build_id, infos)
     except BaseException:
         shutil.rmtree(files, ignore_errors=True)
@@ -633,7 +630,7 @@ def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
         if old:
             FileSystems.delete(old)
         return
-    _write_json_atomic(os.path.join(to, INDEX_INFOS), infos)
+    _write_json(os.path.join(to, INDEX_INFOS), infos)
     for name in os.listdir(to):
         if name.startswith("build-") and name != build_id:
             shutil.rmtree(os.path.join(to, name), ignore_errors=True)
