@@ -402,15 +402,20 @@ def _decode_opened(im: Image.Image, data: bytes, settings: PreprocessSettings,
     try:
         pixels = _to_model_input(im, orientation, scale, width, height, settings,
                                  _sample_bits(im))
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageError("preprocess", "OutOfMemory",
-                         f"out of memory converting a {width}x{height} image") from None
-    except Exception as e:
-        raise ImageError("preprocess", "PreprocessFailed",
-                         f"{type(e).__name__}: {_clean_message(e)}") from None
+    except Exception as e:  # pylint: disable=broad-except
+        raise _preprocess_error(e, width, height) from None
     return pixels, width, height
+
+
+def _preprocess_error(e: Exception, width: int, height: int) -> ImageError:
+    """What went wrong turning decoded pixels into the model's input."""
+    if isinstance(e, ImageError):
+        return e
+    if isinstance(e, MemoryError):
+        return ImageError("preprocess", "OutOfMemory",
+                          f"out of memory converting a {width}x{height} image")
+    return ImageError("preprocess", "PreprocessFailed",
+                      f"{type(e).__name__}: {_clean_message(e)}")
 
 
 def _open(data: bytes) -> Image.Image:
@@ -576,14 +581,8 @@ def _decode_tiff(data: bytes, settings: PreprocessSettings, limits: DecodeLimits
         im = _tiff_to_image(samples, page.axes, layout, settings.alpha_background)
         upright = (height, width) if orientation in _SWAPS_AXES else (width, height)
         pixels = _to_model_input(im, orientation, 1.0, *upright, settings)
-    except ImageError:
-        raise
-    except MemoryError:
-        raise ImageError("preprocess", "OutOfMemory",
-                         f"out of memory converting a {width}x{height} image") from None
-    except Exception as e:
-        raise ImageError("preprocess", "PreprocessFailed",
-                         f"{type(e).__name__}: {_clean_message(e)}") from None
+    except Exception as e:  # pylint: disable=broad-except
+        raise _preprocess_error(e, width, height) from None
     return (pixels, *upright)
 
 
