@@ -17,6 +17,11 @@ TOP_K = 5
 # Beam metrics of every stage are counted under this namespace.
 METRICS_NAMESPACE = "mobilenet_embed"
 
+# Keys of the preprocessing record that are written for the record but do
+# not change the pixels' definition: a library upgrade must not block a
+# resume or a query.
+PREPROCESSING_RECORDED_ONLY = ("pillow", "library_versions")
+
 # Parquet key-value metadata written into every file (values are strings;
 # `preprocessing` is JSON). Readers find them with
 # pq.read_schema(path).metadata.
@@ -106,8 +111,8 @@ class DatasetMetadata:
         versions are recorded, but an upgrade should not block a resume."""
         strings = self.to_strings()
         settings = dict(self.preprocessing)
-        for recorded_only in ("pillow", "library_versions"):
-            settings.pop(recorded_only, None)
+        for key in PREPROCESSING_RECORDED_ONLY:
+            settings.pop(key, None)
         strings["preprocessing"] = json.dumps(settings, sort_keys=True)
         return {k: strings[k] for k in self.IDENTITY}
 

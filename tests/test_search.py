@@ -401,3 +401,22 @@ def test_a_grown_compressed_index_keeps_its_vectors_file_in_step(tmp_path):
     found = index.search(x[probe], 1)
     assert [f[0].image_id for f in found] == [ids[i] for i in probe]
     assert [f[0].score for f in found] == pytest.approx([1.0] * 4, abs=1e-5)
+
+
+def test_query_preprocessing_is_rebuilt_from_the_record():
+    """Queries are preprocessed as the dataset was, whichever JPEG decoder it
+    used; library versions alone never block them; a real difference does."""
+    from pipeline.search import SearchError
+    from pipeline.search.source import preprocess_settings
+    from transforms.decode import PreprocessSettings
+    for settings in (PreprocessSettings(224, 224),
+                     PreprocessSettings(160, 160, jpeg_decoder="pillow"),
+                     PreprocessSettings(96, 96, resize_mode="center_crop",
+                                        crop_fraction=0.8)):
+        record = settings.to_metadata()
+        record.update(pillow="0.0", library_versions={"libheif": "0.0"})
+        assert preprocess_settings(record) == settings
+    record = PreprocessSettings(224, 224).to_metadata()
+    record["formats"] = ["JPEG"]  # made by a version that decoded otherwise
+    with pytest.raises(SearchError, match="formats"):
+        preprocess_settings(record)

@@ -142,6 +142,23 @@ class PreprocessSettings:
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
         return (left, top, left + crop_w, top + crop_h)
 
+    @classmethod
+    def from_metadata(cls, recorded: dict) -> "PreprocessSettings":
+        """The settings behind a `to_metadata` record (a dataset's, to
+        preprocess query images the same way); KeyError/ValueError when
+        it is malformed."""
+        crop = recorded.get("crop_fraction")
+        decoder = str(recorded.get("jpeg_decoder", "pillow"))
+        return cls(
+            height=int(recorded["height"]), width=int(recorded["width"]),
+            resize_mode=recorded.get("resize_mode", "stretch"),
+            crop_fraction=float(crop) if crop is not None else 0.875,
+            alpha_background=tuple(recorded.get("alpha_background",
+                                                (255, 255, 255))),
+            reduced_jpeg_decode=bool(recorded.get("reduced_jpeg_decode", True)),
+            jpeg_decoder="simplejpeg" if decoder.startswith("simplejpeg")
+            else "pillow")
+
     def to_metadata(self) -> dict:
         """A JSON-able record of every choice that changes the pixels."""
         return {

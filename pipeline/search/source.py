@@ -108,19 +108,17 @@ def model_spec(info):
 def preprocess_settings(recorded: dict):
     """The decode/resize settings the dataset recorded, rebuilt; refused when
     this version would not produce the same pixels."""
+    from schemas.output import PREPROCESSING_RECORDED_ONLY
     from transforms.decode import PreprocessSettings
-    if hasattr(PreprocessSettings, "from_metadata"):
+    try:
         settings = PreprocessSettings.from_metadata(recorded)
-    else:  # before transforms.decode grew from_metadata
-        crop = recorded.get("crop_fraction")
-        settings = PreprocessSettings(
-            height=int(recorded["height"]), width=int(recorded["width"]),
-            resize_mode=recorded.get("resize_mode", "stretch"),
-            crop_fraction=float(crop) if crop is not None else 0.875,
-            alpha_background=tuple(recorded.get("alpha_background", (255, 255, 255))),
-            reduced_jpeg_decode=bool(recorded.get("reduced_jpeg_decode", True)))
-    mine = {k: v for k, v in settings.to_metadata().items() if k != "pillow"}
-    theirs = {k: v for k, v in recorded.items() if k != "pillow"}
+    except (KeyError, TypeError, ValueError) as e:
+        raise SearchError(f"the dataset's preprocessing record is malformed "
+                          f"({e!r})") from None
+    mine = {k: v for k, v in settings.to_metadata().items()
+            if k not in PREPROCESSING_RECORDED_ONLY}
+    theirs = {k: v for k, v in recorded.items()
+              if k not in PREPROCESSING_RECORDED_ONLY}
     if mine != theirs:
         differing = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         raise SearchError("this version cannot preprocess query images as the "
