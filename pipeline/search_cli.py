@@ -229,14 +229,18 @@ def gallery_main(argv: list[str]) -> int:
     which.add_argument("--sample", type=int, default=None,
                        help="this many dataset rows drawn at random as queries (default 8)")
     parser.add_argument("--k", type=int, default=8, help="neighbours per query (8)")
-    parser.add_argument("--to", required=True, help="the HTML file to write")
+    parser.add_argument("--to", required=True,
+                        help="the HTML file to write (an existing file is replaced only "
+                             "if this command wrote it, or with --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --to file whatever it is")
     parser.add_argument("--index", default=None, help="index folder (default OUT/index)")
     parser.add_argument("--duplicates", default=None,
                         help="dedup results folder (default OUT/duplicates, if present)")
     args = parser.parse_args(argv)
     summary = write_gallery(args.output, args.to, images=args.image,
                             sample=args.sample, k=args.k, index_dir=args.index,
-                            duplicates_dir=args.duplicates)
+                            duplicates_dir=args.duplicates, overwrite=args.overwrite)
     print(f"{summary['queries']} queries, {summary['clusters']} duplicate clusters, "
           f"{summary['thumbnails']} thumbnails -> {args.to}")
     return 0

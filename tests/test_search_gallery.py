@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pipeline.search_cli import dedup_main, gallery_main, index_main
+from corpus import file_permissions_enforced
 from jobs import run_job, sample_photos
 
 
@@ -92,3 +93,54 @@ def test_chromium_screenshot_is_not_blank(page):
     assert pixels.std() > 30  # photos, not an empty page
     distinct = len(np.unique(pixels.reshape(-1, 3)[::7].astype(np.uint8), axis=0))
     assert distinct > 2000
+
+
+# --- where the page goes: never a silent clobber, always one line ----------------
+
+def test_a_second_gallery_replaces_its_own_page(page, capsys):
+    root, html_path = page
+    before = html_path.read_text()
+    assert gallery_main([str(root / "out"), "--sample", "2", "--k", "3", "--to", str(html_path)]) == 0
+    after = html_path.read_text()
+    assert after != before and len(re.findall(r'<img class="thumb"', after)) == 2 * 4 + 2
+
+
+@pytest.mark.parametrize("case", ["foreign_file", "folder", "under_a_file", "read_only_folder"])
+def test_a_bad_target_is_one_line_and_nothing_is_touched(page, tmp_path, capsys, case):
+    root, _ = page
+    foreign = tmp_path / "notes.html"
+    foreign.write_text("<html>my own notes</html>")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    to = {"foreign_file": foreign, "folder": tmp_path,
+          "under_a_file": foreign / "page.html", "read_only_folder": locked / "page.html"}[case]
+    capsys.readouterr()
+    if case == "read_only_folder":
+        locked.chmod(0o500)
+        with file_permissions_enforced() as enforced:
+            if not enforced:
+                pytest.skip("cannot drop root's permission override here")
+            code = gallery_main([str(root / "out"), "--sample", "1", "--to", str(to)])
+        locked.chmod(0o700)
+    else:
+        code = gallery_main([str(root / "out"), "--sample", "1", "--to", str(to)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and str(to) in err and "\n" not in err, err
+    assert foreign.read_text() == "<html>my own notes</html>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["locked", "notes.html"]
+
+
+def test_overwrite_replaces_a_foreign_file(page, tmp_path):
+    root, _ = page
+    foreign = tmp_path / "notes.html"
+    foreign.write_text("<html>my own notes</html>")
+    assert gallery_main([str(root / "out"), "--sample", "1", "--k", "2", "--to", str(foreign),
+                         "--overwrite"]) == 0
+    assert 'name="generator" content="mobilenet-embed gallery"' in foreign.read_text()
+
+
+def test_short_names_keep_backslashes(page):
+    from pipeline.search.gallery import _Page
+    card = _Page().card("", "shop\\2024/red\\shoe.jpg", "label")
+    assert '<div class="name" title="shop\\2024/red\\shoe.jpg">red\\shoe.jpg</div>' in card

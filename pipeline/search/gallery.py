@@ -71,7 +71,8 @@ class _Page:
             chips.append('<span class="badge">query</span>')
         if badge:
             chips.append(f'<span class="badge">{html.escape(badge)}</span>')
-        name = title.replace("\\", "/").rsplit("/", 1)[-1]
+        # A backslash is an ordinary character in POSIX names and object keys.
+        name = title.rsplit("/", 1)[-1]
         href = f' href="{html.escape(link(uri))}"' if uri else ""
         return (f'<figure class="card{" query" if query else ""}">'
                 f'<a{href} title="{html.escape(title)}">{image}</a>'
@@ -108,6 +109,10 @@ figcaption{padding:6px 8px 8px}.chips{display:flex;gap:6px;min-height:20px}
 
 # Marks each image's decoded width on the element once the page has loaded,
 # so a headless browser's DOM dump shows what actually rendered.
+# Marks a page this command wrote: only such a file is replaced without
+# --overwrite, so a mistyped --to never clobbers someone's document.
+GENERATOR = '<meta name="generator" content="mobilenet-embed gallery">'
+
 SCRIPT = """
 window.addEventListener('load', function () {
   var imgs = document.querySelectorAll('img.thumb'), ok = 0;
@@ -122,8 +127,10 @@ window.addEventListener('load', function () {
 def write_gallery(output: str, to: str, images: Optional[Sequence[str]] = None,
                   sample: Optional[int] = None, k: int = 8,
                   index_dir: Optional[str] = None,
-                  duplicates_dir: Optional[str] = None) -> dict:
+                  duplicates_dir: Optional[str] = None,
+                  overwrite: bool = False) -> dict:
     k = check_k(k)
+    check_target(to, overwrite)
     if sample is not None and sample < 1:
         raise SearchError(f"--sample must be at least 1, got {sample}")
     searcher = open_search(output, index_dir)
@@ -183,12 +190,48 @@ def write_gallery(output: str, to: str, images: Optional[Sequence[str]] = None,
     body.append("</main>")
     document = ("<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">"
                 "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+                f"{GENERATOR}"
                 f"<title>mobilenet-embed gallery</title><style>{CSS}</style>"
                 f"<script>{SCRIPT}</script></head><body>{''.join(body)}</body></html>")
-    write_bytes(to, document.encode("utf-8"))
+    try:
+        write_bytes(to, document.encode("utf-8"))
+    except OSError as e:
+        raise SearchError(f"cannot write the gallery to {to}: {e.strerror or e}") from None
     return {"queries": len(results), "clusters": min(len(clusters), MAX_CLUSTERS),
             "thumbnails": page.thumbs,
             "failed_queries": sum(1 for r in results if r.error)}
+
+
+def check_target(to: str, overwrite: bool = False) -> None:
+    """Refuse, before any work, a --to that cannot or should not be written:
+    a folder, a path under a file, an unwritable folder, or an existing file
+    this command did not write (unless overwrite)."""
+    import os
+
+    from transforms.uris import is_local
+    if not to or to.endswith("/"):
+        raise SearchError(f"--to must name an HTML file, got {to!r}")
+    if not is_local(to):
+        return  # object stores: an object appears whole, nothing to clobber by type
+    if os.path.isdir(to):
+        raise SearchError(f"--to {to} is a folder; name the HTML file to write")
+    parent = os.path.dirname(os.path.abspath(to))
+    above = parent
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise SearchError(f"--to {to} lies under {above}, which is a file")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise SearchError(f"--to {to}: cannot write in {above}")
+    if os.path.exists(to) and not overwrite:
+        try:
+            with open(to, "rb") as f:
+                head = f.read(4096)
+        except OSError as e:
+            raise SearchError(f"--to {to} cannot be read: {e.strerror}") from None
+        if GENERATOR.encode() not in head:
+            raise SearchError(f"--to {to} exists and is not a gallery page this command "
+                              "wrote; pass --overwrite to replace it")
 
 
 def _read_clusters(folder: str) -> list[list[tuple[str, bool]]]:
