@@ -19,7 +19,7 @@ import logging
 import sys
 from typing import Callable
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, SearchJobFailed
 
 LOG = logging.getLogger("mobilenet_embed.search")
 
@@ -32,6 +32,9 @@ def _errors_as_exit_2(fn: Callable[[list[str]], int]) -> Callable[[list[str]], i
         except (SearchError, DatasetError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except SearchJobFailed as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     wrapped.__name__ = fn.__name__
     wrapped.__doc__ = fn.__doc__
     return wrapped

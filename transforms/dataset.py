@@ -230,36 +230,10 @@ class Dataset:
         """One run at a time writes a dataset. A lock left by a run that
         died on this machine is taken over; any other is refused."""
         self._check_is_folder()
-        record = {"run_id": run_id, "host": socket.gethostname(),
-                  "pid": os.getpid(), "started_at": _utc_now()}
-        data = (json.dumps(record) + "\n").encode()
-        for _ in range(2):
-            try:
-                if _create_exclusive(self.lock_json, data):
-                    return
-            except OSError as e:
-                raise DatasetError(
-                    f"cannot write to {self.shown}: "
-                    f"{e.strerror or type(e).__name__}") from None
-            holder = self.read_json(self.lock_json, missing_ok=True) or {}
-            if _is_dead_local_process(holder):
-                LOG.warning("taking over the lock of run %s (process %s on "
-                            "this machine has ended)", holder.get("run_id"),
-                            holder.get("pid"))
-                _delete([self.lock_json])
-                continue
-            raise DatasetError(
-                f"{self.shown} is being written by another run "
-                f"({holder.get('run_id', '?')}, process {holder.get('pid', '?')} "
-                f"on {holder.get('host', '?')}, since "
-                f"{holder.get('started_at', '?')}). Wait for it to end, or, if "
-                f"no run is active, delete {redact(self.lock_json)}")
-        raise DatasetError(f"could not take the lock {redact(self.lock_json)}")
+        FolderLock(self.lock_json, self.shown).acquire(run_id)
 
     def release_lock(self, run_id: str) -> None:
-        holder = self.read_json(self.lock_json, missing_ok=True)
-        if holder and holder.get("run_id") == run_id:
-            _delete([self.lock_json])
+        FolderLock(self.lock_json, self.shown).release(run_id)
 
     def remove_stale_staging(self) -> int:
         """Files of runs that died mid-write (only the lock holder calls it)."""
@@ -424,6 +398,61 @@ class PartWriter:
                 os.remove(self.temp_path)
             except OSError:
                 pass
+
+
+class FolderLock:
+    """One writer at a time for a folder (a dataset, an index, an export
+    target): `lock_path` is created exclusively (locally O_EXCL, on GCS an
+    object with generation 0). A lock left by a process that died on this
+    machine is taken over; any other holder is refused with a DatasetError
+    saying who holds it and how to clear it."""
+
+    def __init__(self, lock_path: str, shown: str):
+        self.lock_path = lock_path
+        self.shown = shown
+
+    def acquire(self, run_id: str) -> None:
+        record = {"run_id": run_id, "host": socket.gethostname(),
+                  "pid": os.getpid(), "started_at": _utc_now()}
+        data = (json.dumps(record) + "\n").encode()
+        for _ in range(2):
+            try:
+                if _create_exclusive(self.lock_path, data):
+                    return
+            except OSError as e:
+                raise DatasetError(
+                    f"cannot write to {self.shown}: "
+                    f"{e.strerror or type(e).__name__}") from None
+            holder = self.holder() or {}
+            if _is_dead_local_process(holder):
+                LOG.warning("taking over the lock of run %s (process %s on "
+                            "this machine has ended)", holder.get("run_id"),
+                            holder.get("pid"))
+                _delete([self.lock_path])
+                continue
+            raise DatasetError(
+                f"{self.shown} is being written by another run "
+                f"({holder.get('run_id', '?')}, process {holder.get('pid', '?')} "
+                f"on {holder.get('host', '?')}, since "
+                f"{holder.get('started_at', '?')}). Wait for it to end, or, if "
+                f"no run is active, delete {redact(self.lock_path)}")
+        raise DatasetError(f"could not take the lock {redact(self.lock_path)}")
+
+    def holder(self) -> Optional[dict]:
+        """The lock's record, or None where there is none (or it is unreadable)."""
+        try:
+            with FileSystems.open(self.lock_path) as f:
+                return json.loads(f.read().decode("utf-8"))
+        except Exception:  # absent, half-written or not JSON: no holder to name
+            return None
+
+    def release(self, run_id: str) -> None:
+        holder = self.holder()
+        if holder and holder.get("run_id") == run_id:
+            _delete([self.lock_path])
+
+    def __repr__(self) -> str:
+        return f"FolderLock({redact(self.lock_path)})"
 
 
 # --- helpers ---------------------------------------------------------------------
