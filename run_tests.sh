@@ -6,6 +6,6 @@
 # reason where it is absent; the rest always run.
 set -euo pipefail
 cd "$(dirname "$0")"
-source scripts/ensure_venv.sh
+VENV_EXTRAS=${VENV_EXTRAS:-test,samples,stores} source scripts/ensure_venv.sh
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-2}
 exec python -m pytest "$@"

@@ -50,7 +50,15 @@ EXTRAS = {
         "packaging>=23",  # tests/test_dataflow.py reads requirement specifiers
     ],
     "samples": ["scikit-image>=0.24"],
+    # mobilenet-embed export / feast and transforms.sinks: the stores' own
+    # clients, tested offline against their embedded modes.
+    "lancedb": ["lancedb>=0.30,<1"],
+    "qdrant": ["qdrant-client>=1.15,<2"],  # Beam's rag writer needs >= 1.15
+    "milvus": ["pymilvus>=2.5.10,<4", "milvus-lite>=2.5"],
+    "feast": ["feast>=0.60,<1"],
 }
+EXTRAS["stores"] = sorted({r for k in ("lancedb", "qdrant", "milvus", "feast")
+                           for r in EXTRAS[k]})
 
 setup(
     name="mobilenet-embed",

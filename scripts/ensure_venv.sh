@@ -6,6 +6,9 @@
 set -euo pipefail
 
 VENV=${VENV:-.venv}
+# Extras installed: run_tests.sh adds the vector-store clients (stores) so
+# every store test runs; run_local.sh keeps the lean install.
+VENV_EXTRAS=${VENV_EXTRAS:-test,samples}
 if [ -z "${PYTHON:-}" ]; then
   for candidate in python3.11 python3.12 python3.10 python3; do
     if command -v "$candidate" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
@@ -16,13 +19,13 @@ import sys
 sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)
 PY
 
-stamp_of_inputs=$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+stamp_of_inputs=$( (cat setup.py constraints.txt; echo "$VENV_EXTRAS") | sha256sum | cut -c1-16)
 stamp="$VENV/.installed-$stamp_of_inputs"
 if [ ! -f "$stamp" ]; then
   echo "setting up $VENV with $($PYTHON -V 2>&1) (first run takes a few minutes)..." >&2
   [ -d "$VENV" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[test,samples]"
+  "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[$VENV_EXTRAS]"
   rm -f "$VENV"/.installed-*
   touch "$stamp"
 fi
