@@ -312,7 +312,7 @@ def test_export_vertex_writes_unit_vectors_as_jsonl(dataset, tmp_path):
     lines = [json.loads(line) for f in sorted((tmp_path / "v").iterdir())
              for line in f.read_text().splitlines()]
     assert len(lines) == len(PHOTOS) + 1
-    assert set(lines[0]) == {"id", "embedding"}
+    assert set(lines[0]) == {"id", "embedding", "restricts"}
     assert np.linalg.norm(lines[0]["embedding"]) == pytest.approx(1.0, abs=1e-5)
 
 
