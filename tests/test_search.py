@@ -309,7 +309,7 @@ def test_dedup_finds_the_exact_copy_and_writes_pairs_and_clusters(dataset, tmp_p
 def test_export_vertex_writes_unit_vectors_as_jsonl(dataset, tmp_path):
     _, out = dataset
     assert export_main([str(out), "--format", "vertex", "--to", str(tmp_path / "v")]) == 0
-    lines = [json.loads(line) for f in sorted((tmp_path / "v").iterdir())
+    lines = [json.loads(line) for f in sorted((tmp_path / "v").glob("*.json"))
              for line in f.read_text().splitlines()]
     assert len(lines) == len(PHOTOS) + 1
     assert set(lines[0]) == {"id", "embedding", "restricts"}
