@@ -13,8 +13,10 @@
   mobilenet-embed dedup OUTPUT        exact and near-duplicate pairs, clusters
   mobilenet-embed gallery OUTPUT --to page.html
                                       neighbours and duplicates, in a browser
-  mobilenet-embed export OUTPUT --format vertex --to DIR
-                                      vectors for a vector store
+  mobilenet-embed export OUTPUT --format vertex|bigquery|lancedb|qdrant|milvus --to T
+                                      the vectors into a vector store (Beam)
+  mobilenet-embed feast OUTPUT --to REPO
+                                      a Feast feature repository over them
 
 Exit codes: 0 done; 1 more failures than --max_failure_rate (outputs are
 written); 2 a problem with the command (bad option, unknown model, model not
@@ -132,6 +134,11 @@ _BOOLEANS = {"true": True, "1": True, "yes": True,
              "false": False, "0": False, "no": False}
 
 
+def _feast(argv: list[str]) -> int:
+    from pipeline import export_cli
+    return export_cli.feast_main(argv)
+
+
 def _search(name: str):
     def command(argv: list[str]) -> int:
         from pipeline import search_cli
@@ -142,7 +149,8 @@ def _search(name: str):
 COMMANDS = {"run": _run, "models": _models, "schema": _schema,
             "fetch-model": _fetch_model, "show": _show,
             **{name: _search(name) for name in ("index", "query", "dedup",
-                                                "gallery", "export")}}
+                                                "gallery", "export")},
+            "feast": _feast}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,56 +202,10 @@ def dedup_main(argv: list[str]) -> int:
     return 0
 
 
-@_errors_as_exit_2
 def export_main(argv: list[str]) -> int:
-    """mobilenet-embed export OUT --format F --to TARGET: a Beam pipeline."""
-    from pipeline.export import FORMATS, export
-    parser = argparse.ArgumentParser(
-        prog="mobilenet-embed export",
-        description="Write the dataset's unit vectors (cosine similarity) into a "
-                    "vector store or its import files, as a Beam pipeline. Beam's "
-                    "own options (--runner, --direct_num_workers, --dry_run, ...) "
-                    "pass through.")
-    parser.add_argument("output", help="the dataset folder (local or gs://)")
-    parser.add_argument("--format", required=True, choices=FORMATS)
-    parser.add_argument("--to", required=True,
-                        help="vertex/bigquery: a folder (local or gs://), or bq://P.D.T "
-                             "for a BigQuery table; lancedb: a folder or URI; qdrant: a "
-                             "folder (local mode) or http(s)://server; milvus: a Milvus "
-                             "Lite file (*.db) or http://server:19530")
-    parser.add_argument("--restrict", action="append", default=[], metavar="COLUMN",
-                        help="a dataset column to filter on (Vertex restricts "
-                             "namespace, a payload field / column elsewhere); repeatable")
-    parser.add_argument("--crowding_tag", default=None, metavar="COLUMN|folder",
-                        help="Vertex crowding tag: the image's folder or a column")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace another model's or dataset's export, or files "
-                             "this command did not write")
-    parser.add_argument("--shards", type=int, default=None,
-                        help="files of a vertex/bigquery export, written in parallel "
-                             "(default: one per 50,000 rows, at least one per worker; "
-                             "at most 5000)")
-    parser.add_argument("--table", default="images",
-                        help="table/collection name in the store (images)")
-    parser.add_argument("--index", action="store_true",
-                        help="lancedb: build an IVF_PQ index (cosine) after writing")
-    args, beam_argv = parser.parse_known_args(argv)
-    if args.shards is not None and args.shards < 1:
-        raise SearchError(f"--shards must be at least 1, got {args.shards}")
-    result = export(args.output, args.format, args.to, beam_argv, restricts=args.restrict,
-                    crowding=args.crowding_tag, overwrite=args.overwrite,
-                    shards=args.shards, table=args.table, index=args.index, progress=_say)
-    if result.get("dry_run"):
-        print(f"dry run: the export graph was built on {result['runner']}; nothing written")
-    elif result["files"]:
-        print(f"{result['rows']} vectors of {result['dimensions']} dims in "
-              f"{sum(1 for f in result['files'] if f.rsplit('/', 1)[-1].startswith(('embeddings-', 'rows-')))} "
-              f"file(s) under {result['to']} ({result['distance']})")
-    else:
-        held = "" if result["store_rows"] is None else f"; it holds {result['store_rows']} rows"
-        print(f"{result['rows']} vectors of {result['dimensions']} dims written to "
-              f"{args.format} at {result['to']} ({result['distance']}{held})")
-    return 0
+    """mobilenet-embed export: the command lives in pipeline/export_cli.py."""
+    from pipeline.export_cli import export_main as command
+    return command(argv)
 
 
 @_errors_as_exit_2
