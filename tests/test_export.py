@@ -320,3 +320,67 @@ def test_dataflow_dry_run_builds_the_export_graph(data, monkeypatch, capsys):
                   "Write/WriteShards"):
         assert stage in names, sorted(names)
     assert "dry run" in capsys.readouterr().out
+
+
+# --- the sinks in a Beam user's own pipeline ------------------------------------
+
+def test_a_beam_user_writes_embed_images_output_into_stores(tmp_path):
+    import apache_beam as beam
+    import lancedb
+
+    from transforms import EmbedImages, ModelSpec
+    from transforms.composite import dataset_metadata
+    from transforms.sinks import (ToVectorRecords, WriteToLanceDB, WriteVertexFiles,
+                                  store_identity)
+    spec = ModelSpec("mobilenet_v2_035_96", source="random")
+    metadata = dataset_metadata(spec)
+    uris = [str(sample_photos() / name) for name in PHOTOS[:3]]
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        out = p | beam.Create(uris) | EmbedImages(spec)
+        records = out[EmbedImages.EMBEDDED] | ToVectorRecords(metadata, crowding="folder")
+        records | WriteToLanceDB(str(tmp_path / "lance"), store_identity(metadata))
+        records | WriteVertexFiles(str(tmp_path / "vertex" / "embeddings"), num_shards=1)
+    table = lancedb.connect(str(tmp_path / "lance")).open_table("images")
+    assert sorted(table.to_arrow().column("id").to_pylist()) == sorted(uris)
+    _, rows = vertex_rows(tmp_path / "vertex")
+    assert sorted(r["id"] for r in rows) == sorted(uris)
+    assert {r["crowding_tag"] for r in rows} == {str(sample_photos())}
+    vectors = np.array([r["embedding"] for r in rows])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+
+
+def test_lancedb_ivf_pq_index_is_built_and_searched(tmp_path):
+    import apache_beam as beam
+    import lancedb
+
+    from transforms.sinks import VectorRecord, WriteToLanceDB
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(20, 64))
+    x = unit(centers[rng.integers(0, 20, 600)] + 0.3 * rng.normal(size=(600, 64)))
+    records = [VectorRecord(f"img{i}", f"/a/{i}.jpg", x[i].astype(np.float32), "cat",
+                            ("cat",) * 5, "m") for i in range(len(x))]
+    identity = {"model": "m", "weights_sha256": "0" * 64, "feature_dim": "64",
+                "model_handle": "random", "dataset": "synthetic"}
+    with beam.Pipeline(runner="FnApiRunner") as p:
+        p | beam.Create(records) | WriteToLanceDB(str(tmp_path), identity, index=True)
+    table = lancedb.connect(str(tmp_path)).open_table("images")
+    (index,) = table.list_indices()
+    assert index.index_type == "IvfPq" and table.count_rows() == 600
+    found = [table.search(x[i].astype(np.float32)).metric("cosine").nprobes(8)
+             .refine_factor(20).limit(1).to_list()[0]["id"] for i in range(0, 600, 30)]
+    assert found == [f"img{i}" for i in range(0, 600, 30)]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--format", "qdrant", "--to", "http://127.0.0.1:9"], ["cannot open qdrant"]),
+    (["--format", "vertex", "--to", "{tmp}/v", "--restrict", "no_such_column"],
+     ["no column no_such_column"]),
+    (["--format", "milvus", "--to", "{tmp}/m.txt"], ["Milvus Lite file"]),
+    (["--format", "vertex", "--to", "{tmp}/v", "--shards", "0"], ["--shards"]),
+])
+def test_bad_store_options_are_one_line_exit_2(data, tmp_path, capsys, args, words):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    capsys.readouterr()
+    assert export(data["out"], *args) == 2
+    one_line_error(capsys, *words)
+    assert not (tmp_path / "v").exists()

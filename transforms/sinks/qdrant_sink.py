@@ -48,7 +48,7 @@ class QdrantTarget:
         from qdrant_client import QdrantClient
         if self.path:
             return QdrantClient(path=self.path)
-        return QdrantClient(url=self.url, api_key=self.api_key)
+        return QdrantClient(url=self.url, api_key=self.api_key, check_compatibility=False)
 
 
 def prepare_collection(target: QdrantTarget, name: str, identity: dict,
