@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus import file_permissions_enforced
+from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
 from jobs import matrix, read_embeddings, run_job, sample_photos
 from pipeline.search_cli import export_main
 from transforms.dataset import FolderLock
@@ -384,3 +385,21 @@ def test_bad_store_options_are_one_line_exit_2(data, tmp_path, capsys, args, wor
     assert export(data["out"], *args) == 2
     one_line_error(capsys, *words)
     assert not (tmp_path / "v").exists()
+
+
+def test_vertex_export_from_and_to_a_bucket_replaces_the_set(data, gcs_emulator):
+    bucket = "export-test"
+    gcs_emulator.create_bucket(bucket)
+    gcs_emulator.upload_tree(data["out"], f"gs://{bucket}/out")
+    to = f"gs://{bucket}/vertex"
+    assert export(f"gs://{bucket}/out", "--format", "vertex", "--to", to, "--shards", "2") == 0
+    first = sorted(gcs_emulator.list(f"{to}/"))
+    assert export(f"gs://{bucket}/out", "--format", "vertex", "--to", to) == 0
+    second = sorted(gcs_emulator.list(f"{to}/"))
+    names = [u.rsplit("/", 1)[-1] for u in second]
+    assert "_export.manifest" in names and "_export.lock" not in names
+    assert not any("_staging" in u for u in second) and not set(first) & set(
+        u for u in second if u.endswith(".json"))
+    rows = [json.loads(line) for u in second if u.endswith(".json")
+            for line in gcs_emulator.read(u).decode().splitlines()]
+    assert sorted(r["id"] for r in rows) == sorted(data["ids"])
