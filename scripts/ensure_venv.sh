@@ -19,14 +19,16 @@ import sys
 sys.exit(0 if (3, 10) <= sys.version_info[:2] <= (3, 12) else 1)
 PY
 
-stamp_of_inputs=$( (cat setup.py constraints.txt; echo "$VENV_EXTRAS") | sha256sum | cut -c1-16)
-stamp="$VENV/.installed-$stamp_of_inputs"
+stamp_of_inputs=$(cat setup.py constraints.txt | sha256sum | cut -c1-16)
+# One stamp per set of extras: switching between run_local.sh (lean) and
+# run_tests.sh (stores) installs each set once, not at every switch.
+stamp="$VENV/.installed-$stamp_of_inputs-${VENV_EXTRAS//,/-}"
 if [ ! -f "$stamp" ]; then
   echo "setting up $VENV with $($PYTHON -V 2>&1) (first run takes a few minutes)..." >&2
   [ -d "$VENV" ] || "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
   "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e ".[$VENV_EXTRAS]"
-  rm -f "$VENV"/.installed-*
+  find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$stamp_of_inputs-*" -delete
   touch "$stamp"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
