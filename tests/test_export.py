@@ -60,7 +60,8 @@ def export(*args) -> int:
 
 
 def one_line_error(capsys, *words) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
+    err = [line for line in capsys.readouterr().err.strip().splitlines()
+           if not line.startswith("exporting ")]  # the progress line
     assert len(err) == 1 and err[0].startswith("error: "), err
     for word in words:
         assert word in err[0], err[0]
@@ -123,9 +124,30 @@ def test_interrupted_exports_leftovers_are_removed(data, tmp_path):
     # a run killed after moving its files, before its manifest: ours, unnamed
     (to / "embeddings-deadbeef0000-00000-of-00001.json").write_text('{"id":"x","embedding":[1]}\n')
     (to / "_staging-deadbeef0000").mkdir()
+    (to / "_staging-deadbeef0000" / "embeddings-00000-of-00001.json").write_text("{}\n")
     assert export(data["out"], "--format", "vertex", "--to", to) == 0
     _, rows = vertex_rows(to)
     assert sorted(r["id"] for r in rows) == sorted(data["ids"])
+    assert sorted(os.listdir(to)) == sorted(
+        ["_export.manifest"] + json.loads((to / "_export.manifest").read_text())["files"])
+
+
+def test_a_failing_export_keeps_the_previous_set_and_exits_3(data, tmp_path, capsys):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data["out"], damaged)
+    to = tmp_path / "vertex"
+    assert export(damaged, "--format", "vertex", "--to", to) == 0
+    before = {p: (to / p).read_bytes() for p in os.listdir(to)}
+    (part,) = (damaged / "embeddings").iterdir()
+    data_bytes = bytearray(part.read_bytes())
+    footer = pq.ParquetFile(part).metadata.serialized_size + 8
+    for i in range(4, len(data_bytes) - footer - 4, 97):  # the pages, not the footer
+        data_bytes[i] ^= 0xFF
+    part.write_bytes(bytes(data_bytes))
+    capsys.readouterr()
+    assert export(damaged, "--format", "vertex", "--to", to) == 3
+    one_line_error(capsys, "export pipeline failed")
+    assert {p: (to / p).read_bytes() for p in os.listdir(to)} == before
 
 
 def test_files_this_command_did_not_write_are_refused_unless_overwrite(data, tmp_path, capsys):

@@ -226,6 +226,7 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
         if target.kind not in ("files", "bigquery-table"):
             _prepare_store(target, identity, restricts, crowding, overwrite, table)
         if target.kind == "files":
+            targets.remove_stale_staging(target)
             staging = join(target.to, f"{targets.STAGING}{run_id}")
         sink = _sink(target, identity, restricts, crowding, overwrite, staging, shards,
                      table, index)

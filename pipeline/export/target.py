@@ -248,10 +248,31 @@ def commit_files(target: Target, staging: str, run_id: str, payload: dict,
     return moved
 
 
+def remove_stale_staging(target: Target) -> int:
+    """Staging folders of exports that died (we hold the lock: none is live)."""
+    if is_local(target.to):
+        names = os.listdir(target.to) if os.path.isdir(target.to) else []
+        stale = [join(target.to, n) for n in names if n.startswith(STAGING)]
+    else:  # object stores: the folders are the objects' prefixes
+        try:
+            found = FileSystems.match([join(target.to, STAGING + "*/*")])[0].metadata_list
+        except Exception:  # none
+            found = []
+        stale = sorted({m.path.rsplit("/", 1)[0] for m in found})
+    for path in stale:
+        remove_staging(path)
+    return len(stale)
+
+
 def remove_staging(staging: str) -> None:
+    if is_local(staging):
+        import shutil
+        shutil.rmtree(staging, ignore_errors=True)
+        return
     try:
-        if FileSystems.exists(staging) or _list(staging):
-            FileSystems.delete([staging])
+        found = FileSystems.match([join(staging, "**")])[0].metadata_list
+        if found:
+            FileSystems.delete([m.path for m in found])
     except Exception:  # nothing there, or already gone
         pass
 
