@@ -322,7 +322,14 @@ def test_bigquery_files_schema_sql_and_the_vector_writers_rows(data, tmp_path):
 
 # --- Dataflow ----------------------------------------------------------------------
 
-def test_dataflow_dry_run_builds_the_export_graph(data, monkeypatch, capsys):
+@pytest.mark.parametrize("fmt, to, stage", [
+    ("vertex", "gs://bucket/vertex", "Write/WriteShards"),
+    ("bigquery", "gs://bucket/bq", "Write/WriteShards"),
+    ("lancedb", "gs://bucket/lance", "Write/MergeInsert"),
+    ("qdrant", "https://qdrant.example.com:6333", "Write/WriteToQdrant"),
+    ("milvus", "https://milvus.example.com:19530", "Write/WriteToMilvus"),
+])
+def test_dataflow_dry_run_builds_the_export_graph(data, monkeypatch, capsys, fmt, to, stage):
     from apache_beam.runners.dataflow.dataflow_runner import DataflowRunner
     captured = {}
     real = DataflowRunner.run_pipeline
@@ -332,16 +339,15 @@ def test_dataflow_dry_run_builds_the_export_graph(data, monkeypatch, capsys):
         return real(self, pipeline, options, pipeline_proto)
     monkeypatch.setattr(DataflowRunner, "run_pipeline", spy)
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
-    code = export_main([str(data["out"]), "--format", "vertex", "--to", "gs://bucket/vertex",
+    code = export_main([str(data["out"]), "--format", fmt, "--to", to,
                         "--runner", "DataflowRunner", "--dry_run", "--no_auth",
                         "--project", "my-project", "--region", "us-central1",
                         "--temp_location", "gs://bucket/tmp"])
     assert code == 0, capsys.readouterr().err
     names = {t.unique_name for t in
              captured["runner"].proto_pipeline.components.transforms.values()}
-    for stage in ("RowGroups", "Spread", "ReadRecords", "Write/ToJsonLines",
-                  "Write/WriteShards"):
-        assert stage in names, sorted(names)
+    for name in ("RowGroups", "Spread", "ReadRecords", stage):
+        assert name in names, sorted(names)
     assert "dry run" in capsys.readouterr().out
 
 

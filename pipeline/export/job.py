@@ -166,6 +166,8 @@ def count_rows(target: targets.Target, table: str) -> Optional[int]:
             finally:
                 client.close()
         if target.kind.startswith("milvus"):
+            from transforms.sinks.milvus_sink import _import_pymilvus
+            _import_pymilvus()
             from pymilvus import MilvusClient
             client = MilvusClient(uri=target.to)
             try:

@@ -60,6 +60,8 @@ class Target:
         """Where the lock and manifest live (None for servers)."""
         if self.kind in ("qdrant-server", "milvus-server", "bigquery-table"):
             return None
+        if self.kind == "lancedb" and not (is_local(self.to) or self.to.startswith("gs://")):
+            return None  # s3://, db:// (LanceDB Cloud): the store's own concurrency
         return self.to
 
     def meta_path(self, name: str) -> str:

@@ -28,8 +28,32 @@ class StoreMismatch(ValueError):
     """The collection holds another model's vectors."""
 
 
+def _import_pymilvus():
+    """pymilvus runs logging.config.dictConfig at import, which shuts down
+    every handler the process has (absl's among them, which then closes the
+    stream it was made with: a test runner's captured stderr, for one).
+    Import it without that clearing; its own loggers then write through the
+    root logger, to stderr as it is when they write."""
+    import logging
+    import logging.config
+    import sys
+    if "pymilvus" in sys.modules:
+        return
+    clear = logging.config._clearExistingHandlers  # pylint: disable=protected-access
+    logging.config._clearExistingHandlers = lambda: None  # pylint: disable=protected-access
+    try:
+        import pymilvus  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+    finally:
+        logging.config._clearExistingHandlers = clear  # pylint: disable=protected-access
+    for name in ("pymilvus", "pymilvus.milvus_client", "pymilvus.bulk_writer"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+
+
 def prepare_collection(uri: str, name: str, identity: dict, restricts: Iterable[str] = (),
                        overwrite: bool = False, token: str = "") -> None:
+    _import_pymilvus()
     from pymilvus import DataType, MilvusClient
     client = MilvusClient(uri=uri, token=token)
     try:
@@ -103,6 +127,7 @@ class WriteToMilvus(beam.PTransform):
         self.batch_size = batch_size
 
     def expand(self, records):
+        _import_pymilvus()
         from apache_beam.ml.rag.ingestion.base import VectorDatabaseWriteTransform
         from apache_beam.ml.rag.ingestion.jdbc_common import WriteConfig
         from apache_beam.ml.rag.ingestion.milvus_search import (MilvusVectorWriterConfig,
