@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -431,3 +432,13 @@ def test_vertex_export_from_and_to_a_bucket_replaces_the_set(data, gcs_emulator)
     rows = [json.loads(line) for u in second if u.endswith(".json")
             for line in gcs_emulator.read(u).decode().splitlines()]
     assert sorted(r["id"] for r in rows) == sorted(data["ids"])
+
+
+@pytest.mark.parametrize("fmt, module", [("lancedb", "lancedb"), ("qdrant", "qdrant_client")])
+def test_a_missing_client_library_names_the_extra(data, tmp_path, capsys, monkeypatch,
+                                                   fmt, module):
+    monkeypatch.setitem(sys.modules, module, None)  # as in the lean install
+    capsys.readouterr()
+    assert export(data["out"], "--format", fmt, "--to", tmp_path / fmt) == 2
+    one_line_error(capsys, f"mobilenet-embed[{fmt}]")
+    assert not (tmp_path / fmt).exists()

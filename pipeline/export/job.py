@@ -125,6 +125,24 @@ def _sink(target: targets.Target, identity: dict, restricts, crowding, overwrite
     return WriteToMilvus(target.to, identity, table, restricts, overwrite=overwrite)
 
 
+CLIENTS = {"lancedb": "lancedb", "qdrant": "qdrant_client", "milvus": "pymilvus"}
+
+
+def _require_client(fmt: str) -> None:
+    """The store's client library, or one line naming the extra to install."""
+    if fmt not in CLIENTS:
+        return
+    try:
+        if fmt == "milvus":
+            from transforms.sinks.milvus_sink import _import_pymilvus
+            _import_pymilvus()
+        else:
+            __import__(CLIENTS[fmt])
+    except ImportError as e:
+        raise SearchError(f"--format {fmt} needs its client library: pip install "
+                          f"'mobilenet-embed[{fmt}]' ({e})") from None
+
+
 def _prepare_store(target: targets.Target, identity: dict, restricts, crowding,
                    overwrite: bool, table: str) -> None:
     """Create or check the table/collection in the launcher (one call), so
@@ -191,6 +209,7 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
     if fmt not in FORMATS:
         raise SearchError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     target = targets.classify(fmt, to)
+    _require_client(fmt)
     targets.check_writable(target)
     dataset = Dataset(output)
     try:
