@@ -442,3 +442,10 @@ def test_a_missing_client_library_names_the_extra(data, tmp_path, capsys, monkey
     assert export(data["out"], "--format", fmt, "--to", tmp_path / fmt) == 2
     one_line_error(capsys, f"mobilenet-embed[{fmt}]")
     assert not (tmp_path / fmt).exists()
+
+
+def test_a_local_dry_run_builds_the_graph_and_writes_nothing(data, tmp_path, capsys):
+    for fmt in ("vertex", "lancedb", "qdrant"):
+        assert export(data["out"], "--format", fmt, "--to", tmp_path / fmt, "--dry_run") == 0
+        assert "dry run" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == []
