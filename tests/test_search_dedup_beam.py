@@ -251,3 +251,24 @@ def test_dataflow_dry_run_translates_the_dedup_job(monkeypatch, capsys):
                        "--project", "p", "--region", "us-central1",
                        "--temp_location", "gs://bucket/tmp"]) == 2
     assert "gs://" in one_error_line(capsys)
+
+
+def test_the_blow_up_of_the_issue_is_refused_before_the_pass(tmp_path, capsys):
+    """2,200 rows at a low threshold gave 2.4M pairs (1.1 GB, in one
+    process) without a word: now the estimate from a sample stops it in one
+    line, before any pair is written, and the in-process call stops too."""
+    from pipeline.search import find_dataset_duplicates
+    from pipeline.search.errors import SearchError
+    x, ids, digests, pixels = planted(2200, dim=16, groups=0, exact=0, seed=5)
+    write_dataset(tmp_path / "out", x, ids, digests, pixels)
+    capsys.readouterr()
+    started = time.monotonic()
+    assert dedup_main([str(tmp_path / "out"), "--threshold", "-1", "--max_memory", "1G",
+                       *ONE_WORKER]) == 2
+    notice, line = capsys.readouterr().err.strip().splitlines()
+    assert "building one first" in notice and line.startswith("error: ")
+    assert "about 2,41" in line and "--max_pairs 1,789,569" in line, line
+    assert time.monotonic() - started < 30
+    assert not (tmp_path / "out" / "duplicates").exists()
+    with pytest.raises(SearchError, match="more than 1,000 near-duplicate pairs"):
+        find_dataset_duplicates(str(tmp_path / "out"), threshold=-1, max_pairs=1000)

@@ -185,22 +185,30 @@ class _SearchShards(beam.DoFn):
     def process(self, shard: Shard):
         from pipeline.search.source import fixed_list_to_numpy
         from pipeline.search.vectors import normalize
-        found = 0
+        found, read_s, search_s = 0, 0.0, 0.0
+        t = time.perf_counter()
         for batch in read_shard(shard, ROW_COLUMNS + ["feature_vector"]):
             ids = batch.column(0).to_pylist()
-            for image_id, sha, w, h in zip(ids, batch.column(1).to_pylist(),
-                                           batch.column(2).to_pylist(),
-                                           batch.column(3).to_pylist()):
-                yield beam.pvalue.TaggedOutput("rows", (image_id, sha, _pixels(w, h)))
+            rows = list(zip(ids, batch.column(1).to_pylist(), batch.column(2).to_pylist(),
+                            batch.column(3).to_pylist()))
             vectors = normalize(fixed_list_to_numpy(batch.column(4)))
+            read_s += time.perf_counter() - t
+            t = time.perf_counter()
+            pairs = []
             for a, b, sim in rows_above(self.index, ids, vectors, self.threshold):
-                found += 1
-                if found > 2 * self.max_pairs:  # each pair is found from both ends
+                pairs.append(((a, b), sim))
+                if found + len(pairs) > 2 * self.max_pairs:  # found from both ends
                     raise PairsOverLimit(
                         f"rows {shard.start}-{shard.stop} of {redact(shard.path)} alone "
                         f"pair up more than --max_pairs {self.max_pairs} times at "
                         f"--threshold {self.threshold}: raise the threshold or --max_pairs")
-                yield (a, b), sim
+            found += len(pairs)
+            search_s += time.perf_counter() - t
+            for image_id, sha, w, h in rows:
+                yield beam.pvalue.TaggedOutput("rows", (image_id, sha, _pixels(w, h)))
+            yield from pairs
+            t = time.perf_counter()
+        yield beam.pvalue.TaggedOutput("seconds", (read_s, search_s))
 
 
 def _read_rows(shard: Shard):
@@ -387,6 +395,10 @@ def _stat(pcoll, name: str, combine, folder: str):
      | f"Stat/{name}/Write" >> beam.Map(_write_stat, join(folder, "_stats", f"{name}.json")))
 
 
+def _round_sum(values):
+    return round(sum(values), 3)
+
+
 def _max_or_zero(values):
     return max(values, default=0)
 
@@ -419,7 +431,7 @@ def build_pairs_pipeline(p, plan: DedupPlan) -> None:
               | "Spread" >> beam.Reshuffle())
     searched = shards | "NearPairs" >> beam.ParDo(
         _SearchShards(plan.index_dir, plan.threshold, plan.max_pairs)).with_outputs(
-        "rows", main="pairs")
+        "rows", "seconds", main="pairs")
     rows = searched.rows
     exact = (rows | "ByDigest" >> beam.FlatMap(
         lambda r: [(r[1], (r[0], r[2]))] if r[1] else [])
@@ -443,6 +455,10 @@ def build_pairs_pipeline(p, plan: DedupPlan) -> None:
     _stat(rows, "images", beam.combiners.CountCombineFn(), plan.work)
     _stat(exact.pairs, "exact_pairs", beam.combiners.CountCombineFn(), plan.work)
     _stat(near_count, "near_pairs", sum, plan.work)
+    _stat(searched.seconds | "ReadSeconds" >> beam.Map(lambda s: s[0]), "read_s",
+          _round_sum, plan.work)
+    _stat(searched.seconds | "SearchSeconds" >> beam.Map(lambda s: s[1]), "search_s",
+          _round_sum, plan.work)
 
 
 def _stages_after(violations, sizes, plan: "DedupPlan", step: int) -> None:
@@ -512,9 +528,9 @@ def _delete_tree(folder: str) -> None:
         LOG.warning("could not remove %s", redact(folder))
 
 
-def _read_stat(work: str, name: str) -> int:
+def _read_stat(work: str, name: str):
     with FileSystems.open(join(work, "_stats", f"{name}.json")) as f:
-        return int(json.loads(f.read().decode())["value"])
+        return json.loads(f.read().decode())["value"]
 
 
 def _children(folder: str) -> list[str]:
@@ -644,6 +660,8 @@ def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
         stats = {name: _read_stat(plan.work, name) for name in (
             "images", "exact_pairs", "near_pairs", "clusters", "images_in_clusters",
             "largest_cluster")}
+        seconds["workers_read_s"] = _read_stat(plan.work, "read_s")
+        seconds["workers_search_s"] = _read_stat(plan.work, "search_s")
         summary = {
             "images": stats["images"], "threshold": threshold,
             "exact_pairs": stats["exact_pairs"], "near_pairs": stats["near_pairs"],
