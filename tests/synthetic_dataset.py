@@ -30,7 +30,7 @@ def metadata(dim: int) -> DatasetMetadata:
 def write_dataset(root: Path, vectors: np.ndarray, ids: Sequence[str],
                   digests: Optional[Sequence[str]] = None,
                   pixels: Optional[Sequence[int]] = None, rows_per_part: int = 1000,
-                  row_group: int = 256) -> Path:
+                  row_group: int = 256, first_part: int = 0) -> Path:
     """OUT/embeddings/part-*.parquet and OUT/_dataset.json for `vectors`."""
     n, dim = vectors.shape
     meta = metadata(dim)
@@ -64,7 +64,7 @@ def write_dataset(root: Path, vectors: np.ndarray, ids: Sequence[str],
             "event_timestamp": pa.array([now] * m, pa.timestamp("us", tz="UTC")),
         }
         table = pa.table([columns[f.name] for f in schema], schema=schema)
-        pq.write_table(table, root / "embeddings" / f"part-synthetic-{part:05d}.parquet",
+        pq.write_table(table, root / "embeddings" / f"part-synthetic-{first_part + part:05d}.parquet",
                        row_group_size=row_group)
     (root / "_dataset.json").write_text(json.dumps(meta.to_strings(), indent=2))
     return root
