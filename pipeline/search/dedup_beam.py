@@ -68,8 +68,10 @@ SHARD_ROWS = 50_000
 ROUNDS = 4  # large-star + small-star rounds per pipeline; most data converges in 2-3
 SAMPLE_ROWS = 1_000
 # Bytes a pair costs through the pipeline's shuffles where a local runner
-# holds them in memory (measured: benchmarks/dedup.py, docs/search.md).
-BYTES_PER_PAIR = 600
+# holds them in memory, all processes together (measured: benchmarks/dedup.py,
+# 966k pairs: +0.55 GiB in one process, +1.25 GiB over 2 workers and the
+# runner; docs/search.md "Dedup").
+BYTES_PER_PAIR = 1400
 DEFAULT_MAX_MEMORY = 8 * 2**30
 MAX_SEARCH_CELLS = 1 << 22  # rows x k per search call: bounds a batch's result arrays
 ROW_COLUMNS = ["image_id", "content_sha256", "original_width", "original_height"]
@@ -174,12 +176,19 @@ class _SearchShards(beam.DoFn):
     ((a, b), similarity) pairs, and every row as (image_id, sha, pixels) on
     the 'rows' output."""
 
-    def __init__(self, index_dir: str, threshold: float, max_pairs: int):
+    def __init__(self, index_dir: str, threshold: float, max_pairs: int,
+                 threads: int = 1):
         self.index_dir, self.threshold, self.max_pairs = index_dir, threshold, max_pairs
+        self.threads = threads
         self.index = None
 
     def setup(self):
+        import faiss
+
         from pipeline.search.index import SearchIndex
+        # One process per core (locally, and on Dataflow's workers): faiss's
+        # own threads would only contend with the other processes'.
+        faiss.omp_set_num_threads(self.threads)
         self.index = SearchIndex.open(self.index_dir)
 
     def process(self, shard: Shard):
@@ -421,6 +430,7 @@ class DedupPlan:
     max_pairs: int
     shard_rows: int = SHARD_ROWS
     rounds: int = ROUNDS
+    threads: int = 1  # faiss threads per worker process
 
 
 def build_pairs_pipeline(p, plan: DedupPlan) -> None:
@@ -430,7 +440,8 @@ def build_pairs_pipeline(p, plan: DedupPlan) -> None:
               | "PlanShards" >> beam.FlatMap(plan_shards, plan.shard_rows)
               | "Spread" >> beam.Reshuffle())
     searched = shards | "NearPairs" >> beam.ParDo(
-        _SearchShards(plan.index_dir, plan.threshold, plan.max_pairs)).with_outputs(
+        _SearchShards(plan.index_dir, plan.threshold, plan.max_pairs,
+                      plan.threads)).with_outputs(
         "rows", "seconds", main="pairs")
     rows = searched.rows
     exact = (rows | "ByDigest" >> beam.FlatMap(
@@ -607,8 +618,10 @@ def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
                               f"({', '.join(local)}): use gs:// folders")
     run_id = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + \
         uuid.uuid4().hex[:6]
+    threads = max(1, (os.cpu_count() or 1) // beam_run.local_workers) \
+        if beam_run.local_workers else 1
     plan = DedupPlan(output, index_dir, join(to, f"run-{run_id}"), threshold, limit,
-                     shard_rows, rounds)
+                     shard_rows, rounds, threads)
     if beam_run.dry_run:
         run_pipeline(lambda p: build_pairs_pipeline(p, plan), beam_run, "dedup")
         return None
