@@ -38,11 +38,12 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 def make_dataset(root: Path, rows: int, dim: int, seed: int = 0) -> dict:
     from benchmarks.search import SyntheticVectors
     from synthetic_dataset import write_dataset
-    if (root / "_dataset.json").exists():
+    if (root / "planted.json").exists():
         return json.loads((root / "planted.json").read_text())
     shutil.rmtree(root, ignore_errors=True)
     rng = np.random.default_rng(seed)
     near = exact = 0
+    pairs = []
     source = SyntheticVectors(rows, dim=dim, seed=seed, batch=10_000)
     for part, (ids, _, x) in enumerate(source.batches()):
         n = len(ids)
@@ -53,15 +54,17 @@ def make_dataset(root: Path, rows: int, dim: int, seed: int = 0) -> dict:
         for j in range(k_near):
             a, b = picks[2 * j], picks[2 * j + 1]
             x[b] = x[a] + 0.01 * rng.random(dim).astype(np.float32)
+            pairs.append(sorted((ids[a], ids[b])))
         base = 2 * k_near
         for j in range(k_exact):
             a, b = picks[base + 2 * j], picks[base + 2 * j + 1]
             x[b] = x[a]
             digests[b] = digests[a]
+            pairs.append(sorted((ids[a], ids[b])))
         near, exact = near + k_near, exact + k_exact
         write_dataset(root, x, ids, digests, pixels, rows_per_part=n, row_group=2048,
                       first_part=part)
-    planted = {"near_copies": near, "exact_copies": exact}
+    planted = {"near_copies": near, "exact_copies": exact, "pairs": pairs}
     (root / "planted.json").write_text(json.dumps(planted))
     return planted
 
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
     planted = make_dataset(root, args.rows, args.dim)
     results = {"rows": args.rows, "dim": args.dim, "threshold": args.threshold,
                "cpu_count": os.cpu_count(), "load_avg_1m_at_start": os.getloadavg()[0],
-               "planted": planted, "dataset_s": round(time.perf_counter() - started, 1),
+               "planted": {k: v for k, v in planted.items() if k != "pairs"}, "dataset_s": round(time.perf_counter() - started, 1),
                "runs": []}
     if not (root / "index" / "index_infos.json").exists():
         from pipeline.search.api import build_dataset_index
@@ -136,11 +139,17 @@ def main(argv=None) -> int:
             results["runs"].append({"workers": workers, "failed": proc.returncode})
             continue
         summary = json.loads((root / "duplicates" / "dedup_summary.json").read_text())
+        from pipeline.search.dedup_beam import read_table
+        table = read_table(str(root / "duplicates"), "pairs")
+        got = {tuple(sorted(p)) for p in zip(table.column("image_id_a").to_pylist(),
+                                              table.column("image_id_b").to_pylist())}
+        found_planted = sum(tuple(p) in got for p in planted["pairs"])
         run = {"workers": workers, "wall_s": round(wall, 1), "seconds": summary["seconds"],
                "pairs": summary["exact_pairs"] + summary["near_pairs"],
                "exact_pairs": summary["exact_pairs"], "near_pairs": summary["near_pairs"],
                "estimate": summary["estimate"], "clusters": summary["clusters"],
                "component_pipelines": summary["component_pipelines"],
+               "planted_pairs_found": round(found_planted / max(1, len(planted["pairs"])), 4),
                "peak_memory": peak, "index_key": summary["index"]["index_key"]}
         results["runs"].append(run)
         print(f"   {out.strip()}\n   wall {wall:.1f} s, {run['seconds']}, peak {peak}",

@@ -84,6 +84,14 @@ def planted_dataset(tmp_path_factory):
     return root, data
 
 
+def indexed(root: Path) -> Path:
+    """The dataset with its index (the first test builds it through dedup)."""
+    if not (root / "index").exists():
+        from pipeline.search.api import build_dataset_index
+        build_dataset_index(str(root), to=str(root / "index"), progress=lambda m: None)
+    return root
+
+
 def one_error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -155,7 +163,7 @@ def test_a_long_chain_takes_several_component_pipelines(tmp_path):
 
 
 def test_too_low_a_threshold_is_refused_from_the_estimate(planted_dataset, tmp_path, capsys):
-    root, _ = planted_dataset
+    root = indexed(planted_dataset[0])
     to = tmp_path / "d"
     capsys.readouterr()
     assert dedup_main([str(root), "--threshold", "0.3", "--max_pairs", "5000",
@@ -173,7 +181,7 @@ def test_too_low_a_threshold_is_refused_from_the_estimate(planted_dataset, tmp_p
 
 
 def test_a_failed_run_leaves_the_previous_results(planted_dataset, tmp_path, capsys):
-    root, _ = planted_dataset
+    root = indexed(planted_dataset[0])
     to = tmp_path / "d"
     assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to), *ONE_WORKER]) == 0
     before = read_summary(str(to))
@@ -190,7 +198,7 @@ def test_a_failed_run_leaves_the_previous_results(planted_dataset, tmp_path, cap
 
 
 def test_a_killed_run_leaves_the_previous_results(planted_dataset, tmp_path):
-    root, _ = planted_dataset
+    root = indexed(planted_dataset[0])
     to = tmp_path / "d"
     assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to), *ONE_WORKER]) == 0
     before = read_summary(str(to))
@@ -272,3 +280,28 @@ def test_the_blow_up_of_the_issue_is_refused_before_the_pass(tmp_path, capsys):
     assert not (tmp_path / "out" / "duplicates").exists()
     with pytest.raises(SearchError, match="more than 1,000 near-duplicate pairs"):
         find_dataset_duplicates(str(tmp_path / "out"), threshold=-1, max_pairs=1000)
+
+
+def test_bad_targets_and_a_second_writer_are_one_line(planted_dataset, tmp_path, capsys):
+    root = indexed(planted_dataset[0])
+    a_file = tmp_path / "file"
+    a_file.write_text("not a folder")
+    capsys.readouterr()
+    for to in (a_file, a_file / "under"):
+        assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to),
+                           *ONE_WORKER]) == 2
+        assert str(to) in one_error_line(capsys)  # before any index is built
+    assert a_file.read_text() == "not a folder"
+    assert dedup_main([str(tmp_path / "absent"), *ONE_WORKER]) == 2
+    assert "does not exist" in one_error_line(capsys)
+    assert not (tmp_path / "absent").exists()
+    # Another live run holds the results folder: refused, its lock kept.
+    to = tmp_path / "held"
+    to.mkdir()
+    holder = {"run_id": "other", "host": os.uname().nodename, "pid": os.getpid(),
+              "started_at": "2026-01-01T00:00:00+00:00"}
+    (to / "_lock.json").write_text(json.dumps(holder))
+    assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to), *ONE_WORKER]) == 2
+    assert "being written by another run (other" in one_error_line(capsys)
+    assert json.loads((to / "_lock.json").read_text()) == holder
+    assert sorted(os.listdir(to)) == ["_lock.json"]

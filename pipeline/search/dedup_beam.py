@@ -63,6 +63,7 @@ from transforms.uris import is_local, redact
 LOG = logging.getLogger("mobilenet_embed.search")
 
 SUMMARY = "dedup_summary.json"
+LEGACY_FILES = ("pairs.parquet", "clusters.parquet")  # before results were in parts
 LOCK = "_lock.json"
 SHARD_ROWS = 50_000
 ROUNDS = 4  # large-star + small-star rounds per pipeline; most data converges in 2-3
@@ -594,6 +595,22 @@ def _index_exists(index_dir: str) -> bool:
     return FileSystems.exists(join(index_dir, name))
 
 
+def check_target(to: str) -> None:
+    """A local --to that is a file, or under one, is refused before any work."""
+    if not is_local(to):
+        return
+    path = os.path.abspath(to)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SearchError(f"--to {to} is a file, not a folder")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise SearchError(f"--to {to} is under a file ({parent})")
+    if parent and not os.access(parent, os.W_OK | os.X_OK):
+        raise SearchError(f"--to {to} cannot be written (no permission in {parent})")
+
+
 def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
                   threshold: float = DEFAULT_THRESHOLD, index_dir: Optional[str] = None,
                   max_pairs: Optional[int] = None, max_memory: int = DEFAULT_MAX_MEMORY,
@@ -626,9 +643,29 @@ def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
         run_pipeline(lambda p: build_pairs_pipeline(p, plan), beam_run, "dedup")
         return None
 
-    from pipeline.search.query import open_search
+    check_target(to)
     from pipeline.search.source import DatasetVectors
     rows = DatasetVectors(output).num_rows()  # the dataset's checks, one line each
+    from transforms.dataset import FolderLock
+    existed = FileSystems.exists(to) if is_local(to) else True
+    lock = FolderLock(join(to, LOCK), redact(to))
+    lock.acquire(run_id)  # a second writer is refused before any work
+    try:
+        return _dedup_locked(plan, beam_run, to, run_id, rows, estimate, say)
+    except BaseException:
+        _delete_tree(plan.work)
+        raise
+    finally:
+        lock.release(run_id)
+        if not existed and not _children(to):
+            _delete_tree(to)  # made only for the lock: nothing half-made stays
+
+
+def _dedup_locked(plan: DedupPlan, beam_run: BeamRun, to: str, run_id: str, rows: int,
+                  estimate: bool, say: Callable[[str], None]) -> dict:
+    from pipeline.search.query import open_search
+    output, index_dir, threshold, limit = (plan.output, plan.index_dir, plan.threshold,
+                                           plan.max_pairs)
     built_index = False
     if not _index_exists(index_dir):
         say(f"no index in {redact(index_dir)}: building one first "
@@ -652,57 +689,51 @@ def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
                 "(or --max_memory)")
     del searcher
     seconds = {"estimate_s": round(time.monotonic() - started, 3)}
-
-    from transforms.dataset import FolderLock
-    lock = FolderLock(join(to, LOCK), redact(to))
-    lock.acquire(run_id)
     try:
-        try:
+        t = time.monotonic()
+        run_pipeline(lambda p: build_pairs_pipeline(p, plan), beam_run, "dedup")
+        seconds["pairs_and_rounds_1_s"] = round(time.monotonic() - t, 3)
+        step = 1
+        while _read_stat(plan.work, f"violations-{step}"):
+            step += 1
             t = time.monotonic()
-            run_pipeline(lambda p: build_pairs_pipeline(p, plan), beam_run, "dedup")
-            seconds["pairs_and_rounds_1_s"] = round(time.monotonic() - t, 3)
-            step = 1
-            while _read_stat(plan.work, f"violations-{step}"):
-                step += 1
-                t = time.monotonic()
-                run_pipeline(lambda p, s=step: build_rounds_pipeline(p, plan, s),
-                             beam_run, "dedup")
-                seconds[f"rounds_{step}_s"] = round(time.monotonic() - t, 3)
-        except PairsOverLimit as e:
-            raise SearchJobFailed(str(e)) from None
-        stats = {name: _read_stat(plan.work, name) for name in (
-            "images", "exact_pairs", "near_pairs", "clusters", "images_in_clusters",
-            "largest_cluster")}
-        seconds["workers_read_s"] = _read_stat(plan.work, "read_s")
-        seconds["workers_search_s"] = _read_stat(plan.work, "search_s")
-        summary = {
-            "images": stats["images"], "threshold": threshold,
-            "exact_pairs": stats["exact_pairs"], "near_pairs": stats["near_pairs"],
-            "clusters": stats["clusters"],
-            "images_in_clusters": stats["images_in_clusters"],
-            "largest_cluster": stats["largest_cluster"],
-            "removable_duplicates": stats["images_in_clusters"] - stats["clusters"],
-            "files": f"run-{run_id}",
-            "engine": "beam", "runner": beam_run.describe(),
-            "max_pairs": limit,
-            "estimate": guess,
-            "component_pipelines": step, "rounds_per_pipeline": rounds,
-            "index": {"folder": redact(index_dir), "built_now": built_index,
-                      "index_key": index_infos.get("index_key"),
-                      "rows": index_infos.get("rows")},
-            "seconds": seconds,
-            "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        for name in ("_stats", "_cc"):
-            _delete_tree(join(plan.work, name))
-        write_json(join(to, SUMMARY), summary)  # the commit
-        for name in _children(to):
-            if name not in (f"run-{run_id}", SUMMARY, LOCK):
-                _delete_tree(join(to, name)) if not name.endswith(".parquet") else \
-                    FileSystems.delete([join(to, name)])
-        return summary
-    except BaseException:
-        _delete_tree(plan.work)
-        raise
-    finally:
-        lock.release(run_id)
+            run_pipeline(lambda p, s=step: build_rounds_pipeline(p, plan, s),
+                         beam_run, "dedup")
+            seconds[f"rounds_{step}_s"] = round(time.monotonic() - t, 3)
+    except PairsOverLimit as e:  # raised in this process by an in-memory runner
+        raise SearchJobFailed(str(e)) from None
+    stats = {name: _read_stat(plan.work, name) for name in (
+        "images", "exact_pairs", "near_pairs", "clusters", "images_in_clusters",
+        "largest_cluster")}
+    seconds["workers_read_s"] = _read_stat(plan.work, "read_s")
+    seconds["workers_search_s"] = _read_stat(plan.work, "search_s")
+    summary = {
+        "images": stats["images"], "threshold": threshold,
+        "exact_pairs": stats["exact_pairs"], "near_pairs": stats["near_pairs"],
+        "clusters": stats["clusters"],
+        "images_in_clusters": stats["images_in_clusters"],
+        "largest_cluster": stats["largest_cluster"],
+        "removable_duplicates": stats["images_in_clusters"] - stats["clusters"],
+        "files": f"run-{run_id}",
+        "engine": "beam", "runner": beam_run.describe(),
+        "max_pairs": limit,
+        "estimate": guess,
+        "component_pipelines": step, "rounds_per_pipeline": plan.rounds,
+        "shard_rows": plan.shard_rows,
+        "index": {"folder": redact(index_dir), "built_now": built_index,
+                  "index_key": index_infos.get("index_key"),
+                  "rows": index_infos.get("rows")},
+        "seconds": seconds,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for name in ("_stats", "_cc"):
+        _delete_tree(join(plan.work, name))
+    write_json(join(to, SUMMARY), summary)  # the commit
+    # Then what earlier runs left: their folders (a killed run's too) and the
+    # single files of older versions. Nothing else in --to is touched.
+    for name in _children(to):
+        if name.startswith("run-") and name != f"run-{run_id}":
+            _delete_tree(join(to, name))
+        elif name in LEGACY_FILES:
+            FileSystems.delete([join(to, name)])
+    return summary
