@@ -14,7 +14,7 @@ process; the process tree's resident memory is sampled every 0.1 s (the
 launcher, the largest worker, and all together). Figures: the summary's
 seconds (estimate; the first pipeline: search, pairs, components and
 clusters; the workers' summed read and search seconds), pairs, clusters and
-peak memory, into benchmarks/results/dedup-<rows>.json.
+peak memory, into benchmarks/results/dedup-<rows>-t<threshold>.json.
 """
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
         results["runs"].append(run)
         print(f"   {out.strip()}\n   wall {wall:.1f} s, {run['seconds']}, peak {peak}",
               file=sys.stderr, flush=True)
-    target = HERE / "results" / f"dedup-{args.rows}.json"
+    target = HERE / "results" / f"dedup-{args.rows}-t{args.threshold}.json"
     target.write_text(json.dumps(results, indent=1) + "\n")
     print(f"-> {target}", file=sys.stderr)
     return 0

@@ -240,12 +240,24 @@ def _exact_group(item):
                    "kind": "exact"}
 
 
-def _near_row(item, members):
-    (a, b), sim = item
-    da = members.get(a)
-    if da is not None and da == members.get(b):
-        return  # the same bytes: already an exact pair of its group
-    yield {"image_id_a": a, "image_id_b": b, "similarity": float(sim), "kind": "near"}
+def _by_b_with_digest_of_a(item):
+    """Near pairs keyed by `a`, joined with a's digest where a is in an exact
+    group: re-keyed by `b`."""
+    _, grouped = item
+    digest = next(iter(grouped["digest"]), None)
+    for (a, b), sim in grouped["pair"]:
+        yield b, ((a, b), sim, digest)
+
+
+def _near_rows(item):
+    """Near pairs keyed by `b` with b's digest: those between two copies of
+    the same bytes are dropped (already exact pairs of their group)."""
+    _, grouped = item
+    digest = next(iter(grouped["digest"]), None)
+    for (a, b), sim, digest_a in grouped["pair"]:
+        if digest is None or digest != digest_a:
+            yield {"image_id_a": a, "image_id_b": b, "similarity": float(sim),
+                   "kind": "near"}
 
 
 def _within_limit(row, count, max_pairs):
@@ -449,10 +461,17 @@ def build_pairs_pipeline(p, plan: DedupPlan) -> None:
         lambda r: [(r[1], (r[0], r[2]))] if r[1] else [])
              | "GroupDigests" >> beam.GroupByKey()
              | "ExactGroups" >> beam.FlatMap(_exact_group).with_outputs("members", main="pairs"))
-    near = (searched.pairs
-            | "OncePerPair" >> beam.CombinePerKey(max)
-            | "DropExactCopies" >> beam.FlatMap(
-                _near_row, members=beam.pvalue.AsDict(exact.members)))
+    # Near pairs between two copies of the same bytes are dropped by joining
+    # them (by a, then by b) with the members of exact groups: a shuffle, not
+    # a side input every worker would hold whole.
+    once = (searched.pairs | "OncePerPair" >> beam.CombinePerKey(max)
+            | "KeyByA" >> beam.Map(lambda kv: (kv[0][0], kv)))
+    near = ({"pair": once, "digest": exact.members}
+            | "JoinDigestA" >> beam.CoGroupByKey()
+            | "KeyByB" >> beam.FlatMap(_by_b_with_digest_of_a))
+    near = ({"pair": near, "digest": exact.members}
+            | "JoinDigestB" >> beam.CoGroupByKey()
+            | "DropExactCopies" >> beam.FlatMap(_near_rows))
     near_count = near | "CountNear" >> beam.combiners.Count.Globally()
     pairs = ((exact.pairs, near | "HardStop" >> beam.Map(
         _within_limit, count=beam.pvalue.AsSingleton(near_count), max_pairs=plan.max_pairs))
@@ -503,22 +522,24 @@ def default_max_pairs(max_memory: int) -> int:
 
 def estimate_pairs(index, root: str, threshold: float, rows: int,
                    sample: int = SAMPLE_ROWS, seed: int = 0) -> dict:
-    """Pairs expected at `threshold`: rows drawn from random shards searched
-    against the index, their neighbours above the threshold counted
-    (each pair has two ends)."""
+    """Pairs expected at `threshold`: about `sample` rows, runs of rows from
+    up to 16 random parts, searched against the index, their neighbours
+    above the threshold counted (each pair has two ends)."""
     from pipeline.search.source import fixed_list_to_numpy
     from pipeline.search.vectors import normalize
-    shards = plan_shards(root, shard_rows=256)
+    from transforms.dataset import Dataset
+    parts = Dataset(root).parts()
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(shards), min(len(shards), max(1, sample // 64)), replace=False) \
-        if shards else []
+    picked = sorted(rng.choice(len(parts), min(len(parts), 16), replace=False)) \
+        if parts else []
     per = max(1, math.ceil(sample / max(1, len(picked))))
     counts, seen = 0, 0
-    for i in sorted(picked):
-        shard = shards[i]
-        start = shard.start + int(rng.integers(0, max(1, shard.stop - shard.start - per + 1)))
-        part = Shard(shard.path, start, min(shard.stop, start + per))
-        for batch in read_shard(part, ["image_id", "feature_vector"]):
+    for i in picked:  # a run of rows at a random place of each of 16 random parts
+        with FileSystems.open(parts[i]) as f:
+            n = pq.ParquetFile(f).metadata.num_rows
+        start = int(rng.integers(0, max(1, n - per + 1)))
+        for batch in read_shard(Shard(parts[i], start, min(n, start + per)),
+                                ["image_id", "feature_vector"]):
             ids = batch.column(0).to_pylist()
             vectors = normalize(fixed_list_to_numpy(batch.column(1)))
             counts += sum(1 for _ in rows_above(index, ids, vectors, threshold))
