@@ -250,7 +250,8 @@ def test_dataflow_dry_run_translates_the_dedup_job(monkeypatch, capsys):
     (runner,) = captured
     names = {t.unique_name for t in runner.proto_pipeline.components.transforms.values()}
     for stage in ("PlanShards", "NearPairs", "GroupDigests", "ExactGroups", "OncePerPair",
-                  "JoinDigestA", "JoinDigestB", "DropExactCopies", "HardStop", "WritePairs", "Components/LargeStar1/Group",
+                  "JoinDigestA", "JoinDigestB", "DropExactCopies", "HardStop", "WritePairs",
+                  "Components/LargeStar1/Group",
                   "Components/SmallStar1/Group", "Components/Check/Sum",
                   "Representative", "WriteClusters"):
         assert stage in names, sorted(names)

@@ -374,6 +374,13 @@ def _cluster_rows(item, violations):
         yield beam.pvalue.TaggedOutput("sizes", size)
 
 
+EDGES_SCHEMA = pa.schema([("u", pa.string()), ("v", pa.string())])
+
+
+def _edge_row(edge):
+    return {"u": edge[0], "v": edge[1]}
+
+
 def _unless_converged(edge, violations):
     if violations:
         yield _edge_row(edge)
@@ -401,8 +408,8 @@ def clusters_of(edges, pixels, plan: "DedupPlan", step: int):
                 _cluster_rows, violations=beam.pvalue.AsSingleton(violations))
             .with_outputs("sizes", main="rows"))
     rows.rows | "WriteClusters" >> beam.io.WriteToParquet(
-        join(plan.work, "clusters", f"part-s{step}"), CLUSTERS_SCHEMA, file_name_suffix=".parquet",
-        codec="snappy")
+        join(plan.work, "clusters", f"part-s{step}"), CLUSTERS_SCHEMA,
+        file_name_suffix=".parquet", codec="snappy")
     return violations, rows.sizes
 
 
@@ -423,15 +430,6 @@ def _round_sum(values):
 
 def _max_or_zero(values):
     return max(values, default=0)
-
-
-
-
-def _edge_row(edge):
-    return {"u": edge[0], "v": edge[1]}
-
-
-EDGES_SCHEMA = pa.schema([("u", pa.string()), ("v", pa.string())])
 
 
 @dataclasses.dataclass
