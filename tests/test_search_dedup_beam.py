@@ -208,16 +208,20 @@ def test_a_killed_run_leaves_the_previous_results(planted_dataset, tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), "--threshold", "0.9",
                              "--to", str(to), *ONE_WORKER], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def writing() -> bool:  # its pipeline has begun writing its own run folder
+        return any(p.name.startswith("run-") and p.name != before["files"]
+                   for p in to.iterdir())
     deadline = time.monotonic() + 60
-    while not (to / "_lock.json").exists() and proc.poll() is None \
-            and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not writing() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert proc.poll() is None, "the run ended before it could be killed"
+    assert (to / "_lock.json").exists()
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert read_summary(str(to)) == before
     assert len(read_table(str(to), "pairs")) == before["exact_pairs"] + before["near_pairs"]
-    # The next run takes the dead run's lock over and clears what it left.
+    assert writing()  # what it left is not in service, and goes with the next run:
+    # the next run takes the dead run's lock over and clears it.
     assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to), *ONE_WORKER]) == 0
     after = read_summary(str(to))
     assert after["files"] != before["files"]
