@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
 from paths import ROOT
 from pipeline.search.dedup_beam import read_summary, read_table
 from pipeline.search_cli import dedup_main
@@ -310,3 +311,35 @@ def test_bad_targets_and_a_second_writer_are_one_line(planted_dataset, tmp_path,
     assert "being written by another run (other" in one_error_line(capsys)
     assert json.loads((to / "_lock.json").read_text()) == holder
     assert sorted(os.listdir(to)) == ["_lock.json"]
+
+
+def test_over_gs_results_replace_the_previous_run(gcs_emulator, tmp_path, capsys):
+    """On a bucket (the GCS emulator): the index built first, results as
+    parts, and a second run's commit removes the first run's objects."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    gcs = gcs_emulator
+    x, ids, digests, pixels = planted(300, dim=16, groups=5, exact=3, seed=11)
+    write_dataset(tmp_path / "out", x, ids, digests, pixels, rows_per_part=150)
+    gcs.create_bucket("dedup-test")
+    gcs.upload_tree(tmp_path / "out", "gs://dedup-test/out")
+    out = "gs://dedup-test/out"
+    capsys.readouterr()
+    assert dedup_main([out, "--threshold", "0.97", *ONE_WORKER]) == 0
+    assert "building one first" in capsys.readouterr().err
+    first = json.loads(gcs.read(f"{out}/duplicates/dedup_summary.json"))
+    assert dedup_main([out, "--threshold", "0.97", *ONE_WORKER]) == 0
+    second = json.loads(gcs.read(f"{out}/duplicates/dedup_summary.json"))
+    objects = gcs.list(f"{out}/duplicates/")
+    assert second["files"] != first["files"]
+    assert not [o for o in objects if first["files"] in o]
+    assert f"{out}/duplicates/_lock.json" not in objects
+    assert not [o for o in objects if "/_stats/" in o or "/_cc/" in o or "beam-temp" in o]
+    parts = [o for o in objects if "/pairs/" in o]
+    pairs = pa.concat_tables([pq.read_table(io.BytesIO(gcs.read(p))) for p in parts])
+    exact, near, _ = brute_force(x, ids, digests, pixels, 0.97)
+    assert pairs.num_rows == len(exact) + len(near) == second["exact_pairs"] + \
+        second["near_pairs"]
