@@ -4,14 +4,16 @@
                             [--target_recall 0.95] [--rebuild]
   mobilenet-embed query OUT (--image P ... | --id ID ... | --manifest FILE)
                             [--k 10] [--json] [--output DIR] [--index DIR]
-  mobilenet-embed dedup OUT [--threshold T] [--to DIR] [--index DIR]
+  mobilenet-embed dedup OUT [--threshold T] [--to DIR] [--index DIR] [--max_pairs N]
+                            [Beam options: --runner DataflowRunner ... | --dry_run]
   mobilenet-embed gallery OUT [--image P ... | --sample N] --to page.html
   mobilenet-embed export OUT --format vertex|bigquery|lancedb|qdrant|milvus --to T
                             [--restrict COL] [--crowding_tag COL|folder] [--overwrite]
   mobilenet-embed feast OUT --to REPO
 
 Each returns an exit code: 0 done; 2 a problem named in one line
-(`error: ...` on stderr), including a query image that cannot be read.
+(`error: ...` on stderr), including a query image that cannot be read; 3 a
+pipeline that started and failed (one line too).
 """
 from __future__ import annotations
 
@@ -174,27 +176,55 @@ def query_main(argv: list[str]) -> int:
 
 @_errors_as_exit_2
 def dedup_main(argv: list[str]) -> int:
-    """mobilenet-embed dedup OUT: exact and near duplicates, pairs and clusters."""
-    from pipeline.search import find_dataset_duplicates
+    """mobilenet-embed dedup OUT: exact and near duplicates, pairs and clusters,
+    as a Beam pipeline (Beam's options pass through: --runner DataflowRunner ...)."""
+    from pipeline.search import parse_size
+    from pipeline.search.beam import BeamRun
     from pipeline.search.dedup import DEFAULT_THRESHOLD
-    from pipeline.search.files import join, write_json, write_parquet
+    from pipeline.search.dedup_beam import (BYTES_PER_PAIR, ROUNDS, SHARD_ROWS,
+                                            dedup_dataset)
     parser = argparse.ArgumentParser(
         prog="mobilenet-embed dedup",
         description="Exact copies (same content_sha256) and near duplicates "
-                    "(cosine similarity >= --threshold) across the dataset.")
+                    "(cosine similarity >= --threshold) across the dataset, and "
+                    "their clusters, as a Beam pipeline: locally on every core by "
+                    "default, or on any runner with Beam's options (--runner "
+                    "DataflowRunner --project ... --region ... --temp_location "
+                    "gs://...). --dry_run builds the graph without running it.")
     parser.add_argument("output", help="the dataset folder (local or gs://)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"cosine similarity of near duplicates (default "
                              f"{DEFAULT_THRESHOLD}, measured: see docs/search.md)")
     parser.add_argument("--to", default=None, help="folder for the results (default OUT/duplicates)")
-    parser.add_argument("--index", default=None, help="index folder (default OUT/index)")
-    args = parser.parse_args(argv)
-    found = find_dataset_duplicates(args.output, args.threshold, args.index)
-    to = args.to or join(args.output, "duplicates")
-    write_parquet(found.pairs, join(to, "pairs.parquet"))
-    write_parquet(found.clusters, join(to, "clusters.parquet"))
-    write_json(join(to, "dedup_summary.json"), found.counts)
-    c = found.counts
+    parser.add_argument("--index", default=None,
+                        help="index folder (default OUT/index; built first if absent)")
+    parser.add_argument("--max_memory", default="8G",
+                        help="memory budget; sets the default --max_pairs "
+                             f"(one pair ~{BYTES_PER_PAIR} bytes through the pipeline)")
+    parser.add_argument("--max_pairs", type=int, default=None,
+                        help="stop (before the pass, from an estimate, and during it) "
+                             "when more pairs than this would be found "
+                             "(default: --max_memory / bytes per pair)")
+    parser.add_argument("--skip_estimate", action="store_true",
+                        help="do not estimate the pairs before the pass (the hard "
+                             "stop during it still holds)")
+    parser.add_argument("--shard_rows", type=int, default=SHARD_ROWS,
+                        help=f"rows a worker searches per shard ({SHARD_ROWS})")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="connected-components rounds per pipeline; more "
+                             f"pipelines run until they converge ({ROUNDS})")
+    args, beam_argv = parser.parse_known_args(argv)
+    beam_run = BeamRun.from_argv(beam_argv)
+    found = dedup_dataset(args.output, beam_run, to=args.to, threshold=args.threshold,
+                          index_dir=args.index, max_pairs=args.max_pairs,
+                          max_memory=parse_size(args.max_memory),
+                          estimate=not args.skip_estimate, shard_rows=args.shard_rows,
+                          rounds=args.rounds, say=_say)
+    if found is None:
+        print("dedup: dry run, the pipeline was built; nothing was run")
+        return 0
+    c = found
+    to = args.to or f"{args.output.rstrip('/')}/duplicates"
     print(f"{c['images']} images: {c['exact_pairs']} exact and {c['near_pairs']} near "
           f"duplicate pairs (cosine >= {c['threshold']}), {c['clusters']} clusters "
           f"holding {c['images_in_clusters']} images ({c['removable_duplicates']} "

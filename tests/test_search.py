@@ -15,6 +15,7 @@ import pytest
 from pipeline.search import (ArrayVectors, SearchError, SearchIndex, build_index,
                              choose_index, parse_size)
 from pipeline.search.dedup import clusters, find_duplicates, near_pairs
+from pipeline.search.dedup_beam import read_table
 from pipeline.search.index import GIB, INDEX_INFOS
 from pipeline.search_cli import (dedup_main, export_main, index_main,
                                  query_main)
@@ -295,12 +296,12 @@ def test_manifest_queries_write_parquet(dataset, tmp_path):
 def test_dedup_finds_the_exact_copy_and_writes_pairs_and_clusters(dataset, tmp_path):
     _, out = dataset
     assert dedup_main([str(out), "--threshold", "0.9999", "--to", str(tmp_path / "d")]) == 0
-    pairs = pq.read_table(tmp_path / "d" / "pairs.parquet").to_pylist()
+    pairs = read_table(str(tmp_path / "d"), "pairs").to_pylist()
     exact = [p for p in pairs if p["kind"] == "exact"]
     assert len(exact) == 1
     assert {os.path.basename(exact[0]["image_id_a"]),
             os.path.basename(exact[0]["image_id_b"])} == {"astronaut.png", "astronaut_copy.png"}
-    clusters_table = pq.read_table(tmp_path / "d" / "clusters.parquet")
+    clusters_table = read_table(str(tmp_path / "d"), "clusters")
     assert clusters_table.column_names == ["cluster_id", "image_id", "is_representative"]
     counts = json.loads((tmp_path / "d" / "dedup_summary.json").read_text())
     assert counts["exact_pairs"] == 1 and counts["images"] == len(PHOTOS) + 1

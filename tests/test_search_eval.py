@@ -14,12 +14,12 @@ import os
 from collections import defaultdict
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from pipeline.search import SearchIndex
 from pipeline.search.dedup import DEFAULT_THRESHOLD
+from pipeline.search.dedup_beam import read_table
 from pipeline.search_cli import dedup_main, index_main, query_main
 from jobs import matrix, read_embeddings, run_job
 from paths import SAMPLE, SHARED_MODEL, needs_shared
@@ -128,7 +128,7 @@ def test_precision_recall_against_the_threshold(embedded):
 def test_dedup_at_its_default_threshold(embedded, tmp_path):
     _, out, ids, _ = embedded
     assert dedup_main([str(out), "--to", str(tmp_path)]) == 0
-    pairs = pq.read_table(tmp_path / "pairs.parquet").to_pylist()
+    pairs = read_table(str(tmp_path), "pairs").to_pylist()
     labels = dict(zip(ids, (source_and_transform(i) for i in ids)))
     correct = [labels[p["image_id_a"]][0] == labels[p["image_id_b"]][0] for p in pairs]
     precision = float(np.mean(correct)) if pairs else 0.0

@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
@@ -41,7 +42,11 @@ def test_index_query_and_dedup_over_gs(gcs_emulator, tmp_path, capsys):
     assert best["image_id"].endswith("chelsea.png")
 
     assert dedup_main([f"{GS}/out", "--threshold", "0.9999"]) == 0
-    pairs = pq.read_table(io.BytesIO(gcs_emulator.read(f"{GS}/out/duplicates/pairs.parquet")))
+    summary = json.loads(gcs_emulator.read(f"{GS}/out/duplicates/dedup_summary.json"))
+    assert summary["exact_pairs"] == 1 and summary["images"] == 5
+    parts = gcs_emulator.list(f"{GS}/out/duplicates/{summary['files']}/pairs/")
+    assert parts and all(p.endswith(".parquet") for p in parts)
+    pairs = pa.concat_tables([pq.read_table(io.BytesIO(gcs_emulator.read(p))) for p in parts])
     exact = [p for p in pairs.to_pylist() if p["kind"] == "exact"]
     assert len(exact) == 1 and {exact[0]["image_id_a"].rsplit("/", 1)[-1],
                                 exact[0]["image_id_b"].rsplit("/", 1)[-1]} == \

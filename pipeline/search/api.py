@@ -30,13 +30,19 @@ def _digests(dataset: DatasetVectors):
 
 
 def find_dataset_duplicates(output: str, threshold: float = DEFAULT_THRESHOLD,
-                            index_dir: Optional[str] = None) -> Duplicates:
+                            index_dir: Optional[str] = None,
+                            max_pairs: Optional[int] = None) -> Duplicates:
+    """Duplicates in memory, in this process: for small datasets and
+    notebooks. `max_pairs` defaults to what DEFAULT_MAX_MEMORY holds. The
+    `dedup` command (`dedup_beam.dedup_dataset`) runs on Beam and writes
+    Parquet parts instead."""
+    from pipeline.search.dedup_beam import default_max_pairs
     threshold = check_threshold(threshold)
     searcher: Searcher = open_search(output, index_dir)
     if searcher.stale:
         raise SearchError(searcher.stale)
     return find_duplicates(searcher.index, searcher.dataset, _digests(searcher.dataset),
-                           threshold)
+                           threshold, max_pairs or default_max_pairs(DEFAULT_MAX_MEMORY))
 
 
 __all__ = ["build_dataset_index", "find_dataset_duplicates", "open_search",

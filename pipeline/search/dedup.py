@@ -130,8 +130,12 @@ class Duplicates:
 
 def find_duplicates(index: SearchIndex, source: VectorSource,
                     digests: Iterable[tuple[str, Optional[str], int]],
-                    threshold: float = DEFAULT_THRESHOLD) -> Duplicates:
-    """`digests`: (image_id, content_sha256, pixels) of every row."""
+                    threshold: float = DEFAULT_THRESHOLD,
+                    max_pairs: Optional[int] = None) -> Duplicates:
+    """In one process, results in memory (a notebook, small data; the
+    `dedup` command runs `dedup_beam` instead). `digests`: (image_id,
+    content_sha256, pixels) of every row. More than `max_pairs` near pairs
+    stop it with a SearchError instead of filling the memory."""
     threshold = check_threshold(threshold)
     digest_of, pixels, rows = {}, {}, 0
     for image_id, digest, size in digests:
@@ -150,6 +154,9 @@ def find_duplicates(index: SearchIndex, source: VectorSource,
         if dx and dx == dy:
             continue  # the same bytes: already an exact pair of its group
         a.append(x), b.append(y), sim.append(s), kind.append("near")
+        if max_pairs is not None and len(a) - exact_count > max_pairs:
+            raise SearchError(f"more than {max_pairs:,} near-duplicate pairs at threshold "
+                              f"{threshold}: raise the threshold or max_pairs")
     pairs = pa.table([pa.array(a, pa.string()), pa.array(b, pa.string()),
                       pa.array(sim, pa.float32()), pa.array(kind, pa.string())],
                      schema=PAIRS_SCHEMA)

@@ -236,16 +236,11 @@ def check_target(to: str, overwrite: bool = False) -> None:
 
 def _read_clusters(folder: str) -> list[list[tuple[str, bool]]]:
     """Clusters of a dedup run, largest first: [(image_id, is_representative)]."""
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystems import FileSystems
-    path = join(folder, "clusters.parquet")
-    if not FileSystems.exists(path):
-        return []
-    with FileSystems.open(path) as f:
-        table = pq.read_table(f)
+    from pipeline.search.dedup_beam import read_table
+    table = read_table(folder, "clusters")
     groups: dict[int, list[tuple[str, bool]]] = {}
-    for row in table.to_pylist():
-        groups.setdefault(row["cluster_id"], []).append(
-            (row["image_id"], bool(row["is_representative"])))
-    ordered = sorted(groups.values(), key=lambda m: -len(m))
-    return [sorted(m, key=lambda x: not x[1]) for m in ordered]
+    for cid, image_id, rep in zip(*(table.column(c).to_pylist() for c in (
+            "cluster_id", "image_id", "is_representative"))):
+        groups.setdefault(cid, []).append((image_id, bool(rep)))
+    ordered = sorted(groups.values(), key=lambda m: (-len(m), min(m)))
+    return [sorted(m, key=lambda x: (not x[1], x[0])) for m in ordered]
