@@ -627,3 +627,18 @@ def test_pipeline_routes_every_image_exactly_once(corpus_dir):
         "failed_read": sum(c.stage == "read" for c in failures),
         "failed_decode": sum(c.stage == "decode" for c in failures),
     }
+
+
+def test_every_bomb_message_cites_our_own_limit(corpus_dir):
+    # bomb.png is refused by Pillow at open() (above twice its limit, which
+    # we raise to ours), bomb.jpg by our header check: one message for both,
+    # citing --max_pixels, never Pillow's doubled figure.
+    directory, _ = corpus_dir
+    for limits in (DecodeLimits(), DecodeLimits(max_pixels=5_000_000)):
+        for name in ("bomb.png", "bomb.jpg"):
+            data = (directory / name).read_bytes()
+            e = error_of(decode_and_resize, data, PreprocessSettings(224, 224), limits)
+            assert e.error_class == "DecompressionBomb", name
+            assert f"over the limit of {limits.max_pixels} (--max_pixels)" in e.message, (
+                name, e.message)
+            assert str(2 * max(limits.max_pixels, 128_000_000)) not in e.message

@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import stat
 import struct
 import threading
@@ -352,7 +353,7 @@ def decode_and_resize(data: bytes, settings: PreprocessSettings,
         except ImageError:
             raise
         except Exception as e:  # whatever Pillow or a codec raised while decoding
-            raise _decode_error(e, data) from None
+            raise _decode_error(e, data, limits) from None
     except ImageError as pillow_error:
         if (_signature(data) != "TIFF" or pillow_error.stage != "decode"
                 or pillow_error.error_class not in _TIFF_RETRY):
@@ -365,9 +366,15 @@ def _check_declared_size(size: tuple[int, int] | None, limits: DecodeLimits) -> 
         return
     width, height = size
     if width * height > limits.max_pixels:
-        raise ImageError("decode", "DecompressionBomb",
-                         f"declares {width}x{height} = {width * height} "
-                         f"pixels, over the limit of {limits.max_pixels}")
+        raise _bomb(f"{width}x{height} = {width * height}", limits)
+
+
+def _bomb(declared: str, limits: DecodeLimits) -> ImageError:
+    """The one message of a refused bomb, whoever caught it: it cites our
+    --max_pixels, never Pillow's own (raised to ours, doubled) limit."""
+    return ImageError("decode", "DecompressionBomb",
+                      f"declares {declared} pixels, over the limit of "
+                      f"{limits.max_pixels} (--max_pixels)")
 
 
 def _decode_turbo(data: bytes, mode: str, width: int, height: int,
@@ -700,10 +707,12 @@ def _to_8bit(values: np.ndarray, layout: _TiffLayout) -> np.ndarray:
     return scaled.astype(np.uint8)
 
 
-def _decode_error(e: Exception, data: bytes) -> ImageError:
+def _decode_error(e: Exception, data: bytes, limits: DecodeLimits) -> ImageError:
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return ImageError("decode", "DecompressionBomb",
-                          f"refused by Pillow's bomb guard: {_clean_message(e)}")
+        # Pillow refuses at open() above twice its limit, which
+        # _allow_pillow_up_to raised to ours: its message would cite that.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        return _bomb(found.group(1) if found else "more", limits)
     if isinstance(e, MemoryError):
         return ImageError("decode", "OutOfMemory", "out of memory while decoding")
     detail = f"{type(e).__name__}: {_clean_message(e)}"
