@@ -361,6 +361,24 @@ def decode_and_resize(data: bytes, settings: PreprocessSettings,
         return _decode_tiff(data, settings, limits, pillow_error)
 
 
+def decode_sample(uris, settings: PreprocessSettings, limits: DecodeLimits
+                  ) -> tuple[np.ndarray, list[str]]:
+    """(pixels uint8 [n, H, W, 3], the uris they came from) of the images of
+    `uris` that read and decode; the others are left out. For samples the
+    launcher draws (int8 calibration) and rebuilds from their record."""
+    pixels, kept = [], []
+    for uri in uris:
+        try:
+            pixels.append(decode_and_resize(read_bytes(uri, limits.max_bytes),
+                                            settings, limits)[0])
+            kept.append(uri)
+        except ImageError:
+            continue
+    if not pixels:
+        return np.zeros((0, settings.height, settings.width, 3), np.uint8), kept
+    return np.stack(pixels), kept
+
+
 def _check_declared_size(size: tuple[int, int] | None, limits: DecodeLimits) -> None:
     if size is None:
         return

@@ -125,9 +125,7 @@ def quantize(fp32_model: bytes, calibration: np.ndarray,
              reduce_range: Optional[bool] = None) -> bytes:
     """The fp32 ONNX model (uint8 `pixels` in) quantized statically with
     activation ranges from `calibration` (uint8 [N, H, W, 3])."""
-    from onnxruntime.quantization import (CalibrationDataReader,
-                                          CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
+    from onnxruntime.quantization import CalibrationDataReader
 
     from transforms.model import onnx_runtime
     chosen = settings(reduce_range)
@@ -141,6 +139,26 @@ def quantize(fp32_model: bytes, calibration: np.ndarray,
         def get_next(self):
             return next(self._batches, None)
 
+    quiet = _DropAdvice()
+    logging.getLogger().addFilter(quiet)  # the quantizer logs on the root logger
+    try:
+        return _quantize_files(fp32_model, Reader, chosen)
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _DropAdvice(logging.Filter):
+    """The quantizer's advice to run its pre-processing (shape inference and
+    graph optimizations): tf2onnx's graph is already optimized and
+    static-shaped, and the guard measures the result."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
+def _quantize_files(fp32_model: bytes, Reader, chosen: dict) -> bytes:
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat,
+                                          QuantType, quantize_static)
     with tempfile.TemporaryDirectory(prefix="mobilenet_int8_") as work:
         source, target = (os.path.join(work, n) for n in ("fp32.onnx", "int8.onnx"))
         with open(source, "wb") as f:
