@@ -57,7 +57,7 @@ GUARD_COSINE_MIN = 0.90  # the worst image's feature cosine to fp32
 GUARD_COSINE_MEDIAN = 0.975  # the typical image's
 
 # Bump when the quantization below changes, so older cached files are ignored.
-_QUANT_FORMAT = "1"
+_QUANT_FORMAT = "2"
 
 
 def cpu_flags() -> set[str]:
@@ -118,7 +118,23 @@ def settings(reduce_range: Optional[bool] = None) -> dict:
         reduce_range = int8_instructions() is None
     return {"format": "QDQ", "per_channel": True, "weights": "int8",
             "activations": "uint8", "calibration": "minmax",
-            "reduce_range": reduce_range}
+            "reduce_range": reduce_range, "float_head": True}
+
+
+def head_nodes(fp32_model: bytes) -> list[str]:
+    """The nodes from the global average pool on (pool, squeeze, logits
+    MatMul and bias), kept in float: quantized, the features would leave
+    as 256 uint8 levels (measured on random weights: int8 feature cosine
+    between the two engines down to 0.966, fp32 vs int8 median lower), for
+    about 0.5% of the multiply-adds."""
+    import onnx
+    graph = onnx.load_from_string(fp32_model).graph
+    names, seen = [], False
+    for node in graph.node:  # topologically sorted
+        seen = seen or node.op_type in ("GlobalAveragePool", "ReduceMean")
+        if seen and node.name:
+            names.append(node.name)
+    return names
 
 
 def quantize(fp32_model: bytes, calibration: np.ndarray,
@@ -165,6 +181,7 @@ def _quantize_files(fp32_model: bytes, Reader, chosen: dict) -> bytes:
             f.write(fp32_model)
         quantize_static(
             source, target, Reader(), quant_format=QuantFormat.QDQ,
+            nodes_to_exclude=head_nodes(fp32_model) if chosen["float_head"] else [],
             per_channel=chosen["per_channel"], weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8,
             reduce_range=chosen["reduce_range"],
