@@ -340,6 +340,16 @@ def decode_and_resize(data: bytes, settings: PreprocessSettings,
     if not data:
         raise ImageError("decode", "EmptyFile", "the file is empty (0 bytes)")
     kind = _signature(data)
+    if kind == "JPEG" and settings._turbo:
+        # The common case without Pillow's parse of the header: what
+        # _decode_opened would do for a plain JPEG, the same pixels.
+        plain = _plain_jpeg(data)
+        if plain is not None:
+            mode, width, height = plain
+            _check_declared_size((width, height), limits)
+            pixels = _decode_turbo(data, mode, width, height, settings)
+            if pixels is not None:
+                return pixels, width, height
     if kind in ("HEIF", "AVIF"):
         _check_declared_size(_iso_declared_pixels(data), limits)
     if kind == "TIFF" and _tiff_first_page_cut(data):
@@ -400,24 +410,72 @@ def _decode_turbo(data: bytes, mode: str, width: int, height: int,
     """A plain JPEG decoded by libjpeg-turbo at the smallest M/8 scale that
     leaves TURBO_MARGIN source pixels per output pixel over the crop, then
     resized as Pillow's path does; None where libjpeg-turbo reports damage
-    (even a recoverable warning), so that Pillow decides about that file."""
+    (even a recoverable warning), so that Pillow decides about that file.
+
+    No intermediate copies: colour is decoded as RGBX, the layout Pillow
+    keeps RGB in, so the decoded buffer becomes a Pillow image without a
+    copy (`frombuffer`), and the one resize writes the model's input.
+    """
     left, top, right, bottom = settings.crop_box(width, height)
     # simplejpeg's minimum is for the whole image; ours is for the crop.
     min_w = math.ceil(TURBO_MARGIN * settings.width * width / (right - left))
     min_h = math.ceil(TURBO_MARGIN * settings.height * height / (bottom - top))
+    gray = mode == "L"
     try:
-        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if mode == "L" else "RGB",
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGBX",
                                         min_width=min_w, min_height=min_h, strict=True)
     except ValueError:
         return None
     decoded_h, decoded_w = pixels.shape[:2]
     sx, sy = decoded_w / width, decoded_h / height
-    im = Image.fromarray(pixels[..., 0] if mode == "L" else pixels)
+    im = Image.frombuffer("L" if gray else "RGBX", (decoded_w, decoded_h), pixels,
+                          "raw", "L" if gray else "RGBX", 0, 1)
     im = im.resize((settings.width, settings.height), Image.Resampling.BILINEAR,
                    box=(left * sx, top * sy, right * sx, bottom * sy))
-    if im.mode != "RGB":
-        im = im.convert("RGB")
-    return np.array(im, dtype=np.uint8)
+    if gray:
+        return np.repeat(np.asarray(im)[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(np.asarray(im)[:, :, :3])
+
+
+def _plain_jpeg(data: bytes) -> tuple[str, int, int] | None:
+    """(mode, width, height) of a JPEG that Pillow would open as format JPEG
+    in mode RGB or L with no EXIF block (so no turn), read from its markers
+    without Pillow; None for anything else (EXIF, MPO, CMYK, a header that
+    does not parse), which then goes the general way."""
+    pos, end, found = 2, len(data), None
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA or marker == 0xD9:  # start of scan / end of image
+            break
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or pos + 2 + length > end:
+            return None
+        segment = data[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif"):
+            return None  # an orientation may turn it: Pillow reads it
+        if marker == 0xE2 and segment.startswith(b"MPF\x00"):
+            return None  # Pillow opens it as MPO
+        if marker in _SOF_MARKERS:
+            if len(segment) < 6:
+                return None
+            height = int.from_bytes(segment[1:3], "big")
+            width = int.from_bytes(segment[3:5], "big")
+            found = ({1: "L", 3: "RGB"}.get(segment[5]), width, height)
+        pos += 2 + length
+    if found is None or found[0] is None or found[1] < 1 or found[2] < 1:
+        return None
+    return found
+
+
+# Start-of-frame markers (baseline, extended, progressive, lossless,
+# arithmetic), as Pillow's JPEG plugin lists them.
+_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA,
+                          0xCB, 0xCD, 0xCE, 0xCF))
 
 
 def _decode_opened(im: Image.Image, data: bytes, settings: PreprocessSettings,
