@@ -81,7 +81,7 @@ def model_figures(name: str, real: bool, photos: list[Path], quick: bool) -> dic
     guard = model.quantization["guard"]
     fp32 = model.reference
     pixels, kept = decode_sample([str(p) for p in photos], settings, DecodeLimits())
-    fp32_out, int8_out = fp32.predict(pixels), model.predict(pixels)
+    fp32_out, int8_out = calibration.predict(fp32, pixels), calibration.predict(model, pixels)
     cos = quantize.cosines(fp32_out[1], int8_out[1])
 
     qfiles = sorted(Path(os.environ["MOBILENET_EMBED_CACHE_DIR"]).glob("graphs/*.int8-*.onnx"),
@@ -136,8 +136,8 @@ def copy_recall(fp32, int8, photos: list[Path], settings) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     from search_copies import MILD, source_and_transform, write_copies
 
+    from pipeline import calibration
     from transforms.decode import DecodeLimits, decode_sample
-    from transforms.model import quantize
     work = Path(tempfile.mkdtemp(prefix="int8_copies_"))
     try:
         write_copies(photos, work)
@@ -148,7 +148,7 @@ def copy_recall(fp32, int8, photos: list[Path], settings) -> dict:
         copies = [i for i, (_, t) in enumerate(keys) if t in MILD]
         out = {}
         for label, model in (("fp32", fp32), ("int8", int8)):
-            features = model.predict(pixels)[1].astype(np.float64)
+            features = calibration.predict(model, pixels)[1].astype(np.float64)
             features /= np.linalg.norm(features, axis=1, keepdims=True) + 1e-12
             nearest = np.argmax(features[copies] @ features[originals].T, axis=1)
             hits = [keys[originals[n]][0] == keys[c][0] for c, n in zip(copies, nearest)]

@@ -212,8 +212,8 @@ def test_real_weights_pass_the_guard_and_keep_top1(cache):
     assert guard["passed"] and guard["top1_agreement"] >= 0.9, guard
     pixels, kept = decode_sample(files, PreprocessSettings(224, 224), DecodeLimits())
     truth = np.array([labels[os.path.basename(f)] for f in kept])
-    fp32 = (decision.model.reference.predict(pixels)[0].argmax(1) == truth).mean()
-    int8 = (decision.model.predict(pixels)[0].argmax(1) == truth).mean()
+    fp32 = (calibration.predict(decision.model.reference, pixels)[0].argmax(1) == truth).mean()
+    int8 = (calibration.predict(decision.model, pixels)[0].argmax(1) == truth).mean()
     assert fp32 > 0.8 and int8 >= fp32 - 0.02, (fp32, int8)
     # Both engines, on the real weights, agree with each other and with fp32.
     qfile = str(next(cache.glob("graphs/*.int8-*.onnx")))
