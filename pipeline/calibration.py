@@ -26,6 +26,10 @@ from transforms.model.loading import (LoadedModel, ModelSpec,
 LOG = logging.getLogger("mobilenet_embed")
 
 
+class CalibrationInputError(ValueError):
+    """--calibration_input names no image: the user's to fix (exit 2)."""
+
+
 @dataclasses.dataclass
 class Decision:
     """What the launcher settled on: `model` is the int8 model that passed
@@ -70,6 +74,9 @@ def decide(spec: ModelSpec, precision: str, settings: PreprocessSettings,
             [listing.normalize_pattern(calibration_input)], None, extensions,
             quantize.CALIBRATION_IMAGES)
         source = f"--calibration_input {calibration_input}"
+        if not sample_uris:
+            raise CalibrationInputError(
+                f"--calibration_input {calibration_input} matched no images")
     else:
         sample_uris = listing.first_uris(patterns, manifest, extensions,
                                          quantize.CALIBRATION_IMAGES)

@@ -292,9 +292,12 @@ def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool,
     fp32_note = ""
     if precision != "fp32":
         settings, limits = preprocessing
-        decision = calibration.decide(
-            spec, precision, settings, limits, patterns or [], embed.manifest,
-            _extensions(embed.extensions), embed.calibration_input)
+        try:
+            decision = calibration.decide(
+                spec, precision, settings, limits, patterns or [], embed.manifest,
+                _extensions(embed.extensions), embed.calibration_input)
+        except calibration.CalibrationInputError as e:
+            raise JobError(str(e)) from None
         if decision.model is not None:
             model = decision.model
             LOG.info("model ready: %s; runs on %s; weights sha256 %s",

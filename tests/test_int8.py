@@ -188,6 +188,8 @@ def test_guard_failure_falls_back_to_fp32_with_one_warning(cache, tmp_path,
     (["--precision", "int8", "--runtime", "tensorflow"], "fp32 only"),
     (["--calibration_input", "x/*.jpg"], "--precision int8 or auto"),
     (["--precision", "int4"], "invalid choice"),
+    (["--precision", "int8", "--calibration_input", "/nonexistent/*.jpg"],
+     "matched no images"),
 ])
 def test_option_errors_are_one_line(tmp_path, capsys, args, message):
     code = run_job("--input", str(sample_photos() / "*.png"), "--output",
