@@ -252,6 +252,22 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
     stat first so an oversized one is not read at all.
     """
     shown = redact(uri)
+    if "://" not in uri:
+        # A local path: read directly, not through Beam's filesystem layer
+        # (measured 0.09 -> 0.02 ms a file, 4% of a 224 decode); the same
+        # checks and the same errors.
+        try:
+            _check_local_file(uri, max_bytes, shown)
+            with open(uri, "rb") as f:
+                data = _read_at_most(f, max_bytes + 1)
+        except ImageError:
+            raise
+        except Exception as e:
+            raise _read_error(e, shown) from None
+        if len(data) > max_bytes:
+            raise ImageError("read", "FileTooLarge",
+                             f"{shown} is larger than the limit of {max_bytes} bytes")
+        return data
     try:
         filesystem = FileSystems.get_filesystem(uri)
     except Exception as e:  # Beam raises ValueError for an unknown scheme
