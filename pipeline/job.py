@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -30,6 +31,7 @@ from apache_beam.options.pipeline_options import (DirectOptions,
                                                   StandardOptions, TestOptions)
 
 import pipeline
+from pipeline import calibration
 from pipeline.options import EmbedOptions
 from schemas import METRICS_NAMESPACE, DatasetMetadata, ModelInfo
 from transforms import listing
@@ -128,6 +130,12 @@ def model_spec(embed: EmbedOptions) -> ModelSpec:
         raise JobError("--model_source random takes no --model_handle")
     if embed.feature_vector_handle and not embed.model_handle:
         raise JobError("--feature_vector_handle needs --model_handle")
+    if embed.precision == "int8" and embed.runtime == "tensorflow":
+        raise JobError("--precision int8 runs on ONNX Runtime or OpenVINO; "
+                       "--runtime tensorflow is fp32 only")
+    if embed.calibration_input and embed.precision == "fp32":
+        raise JobError("--calibration_input calibrates int8: use it with "
+                       "--precision int8 or auto")
     try:
         return ModelSpec(variant=embed.model, source=source,
                          handle=embed.model_handle,
@@ -252,7 +260,10 @@ def _process_layout(options: PipelineOptions, embed: EmbedOptions,
     return False
 
 
-def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool
+def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool,
+                embed: Optional[EmbedOptions] = None,
+                preprocessing: Optional[tuple[PreprocessSettings, DecodeLimits]] = None,
+                patterns: Optional[list[str]] = None
                 ) -> tuple[ModelInfo, ModelSpec]:
     """The model's metadata before any image is read, and the spec the
     workers load.
@@ -265,13 +276,42 @@ def _model_info(spec: ModelSpec, in_process: bool, dry_run: bool
     With --runtime tensorflow, a launcher that does not run the model itself
     reads a cached model's metadata instead: loading TensorFlow there costs
     seconds of start-up for nothing but the digest.
+    With --precision int8 or auto, `calibration.decide` settles fp32 or
+    int8 first (sample, quantization, guard); an int8 model that passed is
+    the one recorded and run.
     Raises ModelUnavailableError when the model cannot be had.
     """
+    precision = embed.precision if embed else "fp32"
     if dry_run:  # graph only: nothing is read, loaded or written
         variant = catalog.get_variant(spec.variant)
         return ModelInfo(spec.variant, spec.source, spec.describe(),
                          "unknown (dry run)", "unknown (dry run)",
-                         variant.feature_dim, "unknown (dry run)"), spec
+                         variant.feature_dim, "unknown (dry run)",
+                         precision=precision if precision != "auto" else "fp32"
+                         ), spec
+    fp32_note = ""
+    if precision != "fp32":
+        settings, limits = preprocessing
+        try:
+            decision = calibration.decide(
+                spec, precision, settings, limits, patterns or [], embed.manifest,
+                _extensions(embed.extensions), embed.calibration_input)
+        except calibration.CalibrationInputError as e:
+            raise JobError(str(e)) from None
+        if decision.model is not None:
+            model = decision.model
+            LOG.info("model ready: %s; runs on %s; weights sha256 %s",
+                     model.heads, model.runtime, model.weights_sha256[:16])
+            workers = (decision.spec if in_process else
+                       dataclasses.replace(decision.spec, engine=model.engine))
+            return model.info(), workers
+        fp32_note = json.dumps({"fp32_because": decision.reason})
+    info, workers = _fp32_model_info(spec, in_process)
+    return dataclasses.replace(info, quantization=fp32_note), workers
+
+
+def _fp32_model_info(spec: ModelSpec, in_process: bool
+                     ) -> tuple[ModelInfo, ModelSpec]:
     paths = None
     if not in_process and spec.runtime == "tensorflow":
         paths = resolve_model(spec)  # once: a gs:// model is listed once here
@@ -347,9 +387,12 @@ def plan(argv: list[str]) -> Plan:
     patterns = _inputs(embed, dry_run)
     settings, limits = _preprocessing(embed, variant)
     in_process = _process_layout(options, embed, argv, runner)
-    info, worker_spec = _model_info(spec, in_process, dry_run)
+    info, worker_spec = _model_info(spec, in_process, dry_run, embed,
+                                    (settings, limits), patterns)
     if runner not in LOCAL_RUNNERS and not dry_run:
-        worker_spec = spec  # remote workers run their own check
+        # Remote workers run their own parity check and time the engines.
+        worker_spec = dataclasses.replace(worker_spec, runtime=spec.runtime,
+                                          engine="auto")
         info = dataclasses.replace(
             info, runtime=f"{info.runtime}; checked by the launcher, and again "
                           "by each worker")

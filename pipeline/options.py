@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from transforms.decode import JPEG_DECODERS, RESIZE_MODES
 from transforms.model import catalog
 from transforms.model.loading import RUNTIMES, SOURCES
+from transforms.model.quantize import CALIBRATION_IMAGES, PRECISIONS
 
 
 # argparse turns a ValueError/TypeError of a `type` into "invalid <name>
@@ -164,6 +165,20 @@ class EmbedOptions(PipelineOptions):
                  "or the conversion fails (one warning says why), or where "
                  "a GPU is present that only TensorFlow can use. "
                  "onnxruntime or tensorflow: that one, no fallback.")
+        run.add_argument(
+            "--precision", default="fp32", choices=PRECISIONS,
+            help="fp32, or int8: the model quantized statically (calibrated "
+                 f"on the first {CALIBRATION_IMAGES} input images, or on "
+                 "--calibration_input), run on ONNX Runtime or OpenVINO, "
+                 "whichever is faster here, after an accuracy guard against "
+                 "fp32 (below its limits: fp32, with one warning). auto: "
+                 "int8 where the guard passes and the CPU has VNNI/AMX, else "
+                 "fp32. Recorded; datasets of different precision are not "
+                 "mixed.")
+        run.add_argument(
+            "--calibration_input", default=None,
+            help="Glob of images to calibrate int8 on instead of the first "
+                 "inputs (the guard then checks it on the first inputs).")
         run.add_argument("--tf_intra_op_threads", type=_count, default=0,
                          help="TensorFlow intra-op threads (0: TF default).")
         run.add_argument("--tf_inter_op_threads", type=_count, default=0,

@@ -24,6 +24,7 @@ def main(argv: list[str]) -> int:
         print(f"model {meta.model.model} ({meta.model.model_source}: "
               f"{meta.model.model_handle}), weights sha256 "
               f"{meta.model.weights_sha256[:16]}..., features {meta.feature_dim}")
+        print(f"precision {_precision(meta.model)}")
     shown = 0
     for batch in dataset.iter_batches(["image_id", "top5_labels",
                                        "top5_probabilities", "feature_vector"],
@@ -47,3 +48,21 @@ def main(argv: list[str]) -> int:
         if failed >= args.limit:
             break
     return 0
+
+
+def _precision(model) -> str:
+    """'int8 on openvino (guard: ...)' or 'fp32' (and why, where int8 was asked)."""
+    try:
+        record = json.loads(model.quantization) if model.quantization else {}
+    except ValueError:
+        record = {}
+    if model.precision != "int8":
+        why = record.get("fp32_because")
+        return f"fp32 ({why})" if why else "fp32"
+    guard = record.get("guard") or {}
+    calibration = record.get("calibration") or {}
+    figures = (f"; guard: top-1 agreement {guard['top1_agreement']}, feature "
+               f"cosine min {guard['cosine_min']}, median {guard['cosine_median']}"
+               if "top1_agreement" in guard else "")
+    return (f"int8 on {model.engine or 'unknown engine'} (calibrated on "
+            f"{calibration.get('images', '?')} images{figures})")

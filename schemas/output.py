@@ -36,6 +36,9 @@ META_KEYS = (
     "heads",  # how logits and features were computed (one pass or two)
     "feature_dim",
     "runtime",  # what ran the model, its version, the parity figures
+    "precision",  # fp32 | int8 (part of the identity)
+    "engine",  # what ran the int8 model (onnxruntime | openvino); "" for fp32
+    "quantization",  # JSON: calibration record, guard figures, engine timings
     "preprocessing",  # JSON of the decode/resize settings
     "labels",  # the label set of `top5_labels`
 )
@@ -55,6 +58,19 @@ class ModelInfo:
     # "onnxruntime 1.32.0 CPUExecutionProvider; parity max|d| ...". Recorded,
     # not part of the identity: the runtimes agree within the parity limit.
     runtime: str = ""
+    # fp32, or int8: the fused graph quantized statically (QDQ), checked
+    # against fp32 by the accuracy guard. Part of the identity: int8 and fp32
+    # rows are not mixed in one dataset.
+    precision: str = "fp32"
+    engine: str = ""  # int8 only: onnxruntime | openvino, chosen by timing
+    # int8 only: JSON of the calibration record (images, pixel digest), the
+    # guard's figures and limits, and the engines' timings.
+    quantization: str = ""
+
+
+# ModelInfo's fields that files written before they existed lack.
+_MODEL_DEFAULTS = {"runtime": "", "precision": "fp32", "engine": "",
+                   "quantization": ""}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +86,7 @@ class DatasetMetadata:
 
     # Rows made under a different value of these cannot be mixed in one dataset.
     IDENTITY = ("schema_version", "model", "weights_sha256", "feature_dim",
-                "preprocessing")
+                "precision", "preprocessing")
 
     @property
     def feature_dim(self) -> int:
@@ -93,9 +109,11 @@ class DatasetMetadata:
         or malformed (callers name the file)."""
         model = ModelInfo(**{f.name: values[f.name]
                              for f in dataclasses.fields(ModelInfo)
-                             if f.name not in ("feature_dim", "runtime")},
+                             if f.name != "feature_dim"
+                             and f.name not in _MODEL_DEFAULTS},
                           feature_dim=int(values["feature_dim"]),
-                          runtime=str(values.get("runtime", "")))
+                          **{k: str(values.get(k, default))
+                             for k, default in _MODEL_DEFAULTS.items()})
         preprocessing = values["preprocessing"]
         if isinstance(preprocessing, str):
             preprocessing = json.loads(preprocessing)

@@ -627,3 +627,43 @@ def test_pipeline_routes_every_image_exactly_once(corpus_dir):
         "failed_read": sum(c.stage == "read" for c in failures),
         "failed_decode": sum(c.stage == "decode" for c in failures),
     }
+
+
+def test_every_bomb_message_cites_our_own_limit(corpus_dir):
+    # bomb.png is refused by Pillow at open() (above twice its limit, which
+    # we raise to ours), bomb.jpg by our header check: one message for both,
+    # citing --max_pixels, never Pillow's doubled figure.
+    directory, _ = corpus_dir
+    for limits in (DecodeLimits(), DecodeLimits(max_pixels=5_000_000)):
+        for name in ("bomb.png", "bomb.jpg"):
+            data = (directory / name).read_bytes()
+            e = error_of(decode_and_resize, data, PreprocessSettings(224, 224), limits)
+            assert e.error_class == "DecompressionBomb", name
+            assert f"over the limit of {limits.max_pixels} (--max_pixels)" in e.message, (
+                name, e.message)
+            assert str(2 * max(limits.max_pixels, 128_000_000)) not in e.message
+
+
+def test_the_plain_jpeg_fast_path_gives_the_general_paths_pixels(monkeypatch):
+    # Plain JPEGs skip Pillow's header parse (decode._plain_jpeg): colour,
+    # grayscale, progressive, both resize modes, both sizes, the same pixels
+    # as the general path. JPEGs with EXIF or MPF are left to the general one.
+    import io
+    photos = [photo_like(640, 427, seed=3), photo_like(300, 500, seed=4)]
+    blobs = [encode(photos[0], "JPEG", quality=90),
+             encode(photos[1], "JPEG", quality=75, progressive=True),
+             encode(photos[0].convert("L"), "JPEG", quality=85)]
+    assert all(decode._plain_jpeg(b) is not None for b in blobs)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    photos[0].save(buffer, "JPEG", exif=exif.tobytes())
+    assert decode._plain_jpeg(buffer.getvalue()) is None
+    cases = [decode.PreprocessSettings(s, s, resize_mode=m)
+             for s in (224, 96) for m in ("stretch", "center_crop")]
+    fast = [decode.decode_and_resize(b, s, decode.DecodeLimits()) for b in blobs for s in cases]
+    monkeypatch.setattr(decode, "_plain_jpeg", lambda data: None)
+    general = [decode.decode_and_resize(b, s, decode.DecodeLimits()) for b in blobs for s in cases]
+    for (a, wa, ha), (b, wb, hb) in zip(fast, general):
+        assert (wa, ha) == (wb, hb) and a.flags.c_contiguous and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)

@@ -13,6 +13,7 @@ that only the guilty image becomes a `FailedImage`.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -63,6 +64,22 @@ def default_max_batch_size(input_size: int) -> int:
     return max(16, min(64, 16 * 224 * 224 // (input_size * input_size)))
 
 
+def calibration_pixels(calibration) -> np.ndarray:
+    """The int8 calibration sample decoded again from its record (a
+    `quantize.Calibration`): where a worker or a query lacks the quantized
+    model in its cache, it quantizes the same pixels to the same model
+    (`load_model` checks their digest). The files were accepted under the
+    job's limits by the launcher; the limits here only bound a file that
+    changed since."""
+    import json
+
+    from transforms.decode import DecodeLimits, PreprocessSettings, decode_sample
+    settings = PreprocessSettings.from_metadata(json.loads(calibration.preprocessing))
+    pixels, _ = decode_sample(calibration.uris, settings,
+                              DecodeLimits(max_bytes=2**31, max_pixels=2**31))
+    return pixels
+
+
 class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
     """DecodedImage in; Embedding (pixels dropped) or FailedImage out."""
 
@@ -81,7 +98,9 @@ class MobileNetV2Handler(ModelHandler[DecodedImage, Result, LoadedModel]):
 
     def load_model(self) -> LoadedModel:
         configure_threads(*self._threads)
-        model = load_model(self._spec)
+        model = load_model(self._spec, calibration_pixels=(
+            functools.partial(calibration_pixels, self._spec.calibration)
+            if self._spec.calibration else None))
         if (self._expected_digest
                 and model.weights_sha256 != self._expected_digest):
             # e.g. TF-Hub served other bytes to this worker than to the

@@ -109,6 +109,43 @@ def check_inputs(patterns: list[str], manifest: Optional[str]) -> None:
         raise ListingError(f"--manifest {shown} lists no images")
 
 
+def first_uris(patterns: list[str], manifest: Optional[str],
+               extensions: Optional[tuple[str, ...]], limit: int) -> list[str]:
+    """Up to `limit` URIs the job would list, in listing order (patterns,
+    then the manifest), without duplicates: a sample drawn in the launcher
+    (the int8 calibration). What cannot be listed is skipped here; the job
+    itself reports it."""
+    found: list[str] = []
+
+    def add(uri: str) -> bool:
+        if uri not in found:
+            found.append(uri)
+        return len(found) >= limit
+
+    for pattern in patterns:
+        try:
+            matches = (_match_local(pattern) if is_local(pattern) else
+                       FileSystems.match([pattern])[0].metadata_list)
+            for match in matches:
+                if not isinstance(match, FileMetadata):
+                    continue
+                if extensions is not None and _extension(match.path) not in extensions:
+                    continue
+                if add(match.path):
+                    return found
+        except Exception:  # pylint: disable=broad-except
+            continue
+    if manifest:
+        try:
+            with FileSystems.open(manifest) as f:
+                for _, entry in _read_manifest(f, manifest):
+                    if entry and add(_resolve(entry, manifest)):
+                        return found
+        except Exception:  # pylint: disable=broad-except
+            pass
+    return found
+
+
 # --- local globs --------------------------------------------------------------
 
 def _match_local(pattern: str) -> Iterator[Union[FileMetadata, tuple[FailedImage, bool]]]:

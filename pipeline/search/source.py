@@ -86,23 +86,43 @@ class DatasetVectors:
 
 # --- embedding query images like the dataset -----------------------------------
 
-def model_spec(info):
-    """The `ModelSpec` that loads the model a dataset records (schemas.ModelInfo)."""
+def model_spec(info, preprocessing: Optional[dict] = None):
+    """The `ModelSpec` that loads the model a dataset records (schemas.ModelInfo),
+    in the dataset's own precision: an int8 dataset's queries run the same
+    quantized model (rebuilt from the calibration record where this
+    machine's cache lacks it)."""
     from transforms.model.loading import ModelSpec
     handle = info.model_handle or ""
     try:
+        precision = _precision(info, preprocessing)
         if info.model_source == "random":
             match = re.fullmatch(r"random\(seed=(-?\d+)\)", handle)
             return ModelSpec(variant=info.model, source="random",
-                             seed=int(match.group(1)) if match else 0)
+                             seed=int(match.group(1)) if match else 0, **precision)
         handles = [h.strip() for h in handle.split(" + ") if h.strip()]
         if not handles:
             raise ValueError("no model handle recorded")
         return ModelSpec(variant=info.model, source=info.model_source,
                          handle=handles[0],
-                         feature_handle=handles[1] if len(handles) > 1 else None)
-    except ValueError as e:
+                         feature_handle=handles[1] if len(handles) > 1 else None,
+                         **precision)
+    except (ValueError, KeyError, TypeError) as e:
         raise SearchError(f"the dataset's model cannot be loaded for queries: {e}") from None
+
+
+def _precision(info, preprocessing: Optional[dict]) -> dict:
+    """ModelSpec's precision fields for a recorded ModelInfo."""
+    if getattr(info, "precision", "fp32") != "int8":
+        return {}
+    import json
+
+    from transforms.model.quantize import Calibration
+    record = json.loads(info.quantization)["calibration"]
+    return {"precision": "int8", "engine": info.engine or "auto",
+            "calibration": Calibration(
+                tuple(record["uris"]), record["sha256"],
+                json.dumps(preprocessing or {}, sort_keys=True),
+                record.get("source", ""))}
 
 
 def preprocess_settings(recorded: dict):
@@ -134,9 +154,14 @@ class QueryEmbedder:
         from transforms.model.loading import ModelUnavailableError, load_model
         self.settings = preprocess_settings(metadata.preprocessing)
         self.limits = DecodeLimits()
+        from transforms.inference import calibration_pixels
+        from transforms.model.loading import QuantizationError
+        spec = model_spec(metadata.model, metadata.preprocessing)
         try:
-            self.model = load_model(model_spec(metadata.model))
-        except ModelUnavailableError as e:
+            self.model = load_model(spec, calibration_pixels=(
+                (lambda: calibration_pixels(spec.calibration))
+                if spec.calibration else None))
+        except (ModelUnavailableError, QuantizationError) as e:
             raise SearchError(f"cannot load the dataset's model for queries: {e}") from None
         if self.model.weights_sha256 != metadata.model.weights_sha256:
             raise SearchError(

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from schemas import ModelInfo
-from transforms.model import catalog, onnx_runtime
+from transforms.model import catalog, onnx_runtime, quantize
 
 LOG = logging.getLogger(__name__)
 SOURCES = ("tfhub", "saved_model", "random")
@@ -50,6 +50,11 @@ class ModelUnavailableError(RuntimeError):
     """The model cannot be had; the message says what was tried and what to do."""
 
 
+class QuantizationError(RuntimeError):
+    """The int8 model cannot be had (conversion, calibration or engines
+    failed); the launcher falls back to fp32, a worker fails."""
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What to load: small and picklable, so workers can load it themselves."""
@@ -60,9 +65,25 @@ class ModelSpec:
     hub_version: int = catalog.DEFAULT_HUB_VERSION
     seed: int = 0  # random source only
     runtime: str = "auto"  # one of RUNTIMES
+    # fp32, or int8 (the launcher resolves --precision auto to one of them):
+    # int8 needs `calibration`, and runs on `engine` (auto: the faster one,
+    # timed at load).
+    precision: str = "fp32"
+    engine: str = "auto"
+    calibration: Optional[quantize.Calibration] = None
 
     def __post_init__(self):
         catalog.get_variant(self.variant)  # clear error for unknown names
+        if self.precision not in ("fp32", "int8"):
+            raise ValueError(f"unknown precision {self.precision!r}; use fp32 "
+                             "or int8")
+        if self.engine not in ("auto",) + quantize.ENGINES:
+            raise ValueError(f"unknown int8 engine {self.engine!r}")
+        if self.precision == "int8" and self.calibration is None:
+            raise ValueError("int8 needs a calibration sample")
+        if self.precision == "int8" and self.runtime == "tensorflow":
+            raise ValueError("--precision int8 runs on ONNX Runtime or "
+                             "OpenVINO, not on --runtime tensorflow")
         if self.runtime not in RUNTIMES:
             raise ValueError(f"unknown runtime {self.runtime!r}; use one of "
                              f"{', '.join(RUNTIMES)}")
@@ -110,6 +131,16 @@ class LoadedModel:
     # fallback: ..." saying why TensorFlow runs it.
     runtime: str = ""
     parity: Optional["onnx_runtime.Parity"] = None  # where ONNX Runtime was tried
+    # int8 only: the engine, what to record about the quantization (the
+    # calibration, the engines' timings; the launcher adds the guard's
+    # figures), and the fp32 model it came from, for the guard.
+    engine: str = ""
+    quantization: Optional[dict] = None
+    reference: Optional["LoadedModel"] = None
+
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
 
     def predict(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [N, H, W, 3] -> (logits [N, 1001], features [N, d]), float32.
@@ -139,8 +170,13 @@ class LoadedModel:
                 np.concatenate([p[1] for p in parts]))
 
     def info(self) -> ModelInfo:
-        return _info(self.spec, self.weights_sha256, self.heads,
+        info = _info(self.spec, self.weights_sha256, self.heads,
                      self.feature_dim, self.runtime)
+        if self.precision != "int8":
+            return info
+        return dataclasses.replace(
+            info, precision="int8", engine=self.engine,
+            quantization=json.dumps(self.quantization or {}, sort_keys=True))
 
 
 def _info(spec: ModelSpec, weights_sha256: str, heads: str,
@@ -171,12 +207,16 @@ _CACHE: dict[ModelSpec, LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def load_model(spec: ModelSpec, paths: Optional[list[str]] = None) -> LoadedModel:
+def load_model(spec: ModelSpec, paths: Optional[list[str]] = None,
+               calibration_pixels: Optional[Callable[[], np.ndarray]] = None
+               ) -> LoadedModel:
     """Load once per process: later calls with the same spec share the model.
-    `paths`: what `resolve_model(spec)` gave, where the caller has it."""
+    `paths`: what `resolve_model(spec)` gave, where the caller has it.
+    `calibration_pixels`: int8 only, gives the decoded calibration sample
+    (uint8 [N, H, W, 3]) where the quantized model is not cached yet."""
     with _CACHE_LOCK:
         if spec not in _CACHE:
-            _CACHE[spec] = _load_uncached(spec, paths)
+            _CACHE[spec] = _load_uncached(spec, paths, calibration_pixels)
         return _CACHE[spec]
 
 
@@ -190,16 +230,16 @@ def resolve_model(spec: ModelSpec) -> list[str]:
     return _resolve_saved_model(spec)
 
 
-def _load_uncached(spec: ModelSpec, paths: Optional[list[str]] = None
-                   ) -> LoadedModel:
+def _load_uncached(spec: ModelSpec, paths: Optional[list[str]] = None,
+                   calibration_pixels=None) -> LoadedModel:
     variant = catalog.get_variant(spec.variant)
     if spec.source == "random":
-        return _load_random(spec, variant)
+        return _load_random(spec, variant, calibration_pixels)
     if paths is None:
         paths = resolve_model(spec)
     try:
-        return _load_directories(spec, variant, paths)
-    except ModelUnavailableError:
+        return _load_directories(spec, variant, paths, calibration_pixels)
+    except (ModelUnavailableError, QuantizationError):
         raise
     except Exception as e:  # a damaged or foreign SavedModel
         raise ModelUnavailableError(
@@ -318,7 +358,7 @@ def _local_copy(uri: str, spec: ModelSpec) -> str:
 
 # --- layouts ------------------------------------------------------------------
 
-def _load_random(spec: ModelSpec, variant) -> LoadedModel:
+def _load_random(spec: ModelSpec, variant, calibration_pixels=None) -> LoadedModel:
     """The seeded architecture, frozen like every other source (the same
     graph optimizations apply, and oneDNN then gives the same results
     whatever the batch size), and cached on disk like them."""
@@ -339,21 +379,27 @@ def _load_random(spec: ModelSpec, variant) -> LoadedModel:
                                    "one pass: native two-output model",
                                    architecture.weights_digest(model))
 
-    return _load_frozen(spec, variant, _random_cache_path(spec, variant), build)
+    return _load_frozen(spec, variant, _random_cache_path(spec, variant), build,
+                        calibration_pixels)
 
 
-def _load_directories(spec: ModelSpec, variant, paths: list[str]) -> LoadedModel:
+def _load_directories(spec: ModelSpec, variant, paths: list[str],
+                      calibration_pixels=None) -> LoadedModel:
     """Every file layout ends as one frozen graph, cached on disk by weights
     digest: a later process (another worker, the next run) imports it in a
     second instead of loading and fusing the SavedModels again."""
     digest = _weights_digest(paths)
     return _load_frozen(spec, variant,
                         _directories_cache_path(variant, paths, digest),
-                        lambda: _freeze_saved_models(spec, variant, paths, digest))
+                        lambda: _freeze_saved_models(spec, variant, paths, digest),
+                        calibration_pixels)
 
 
-def _load_frozen(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
+def _load_frozen(spec: ModelSpec, variant, cache: str, build,
+                 calibration_pixels=None) -> LoadedModel:
     """The model on the runtime `spec.runtime` asks for (see RUNTIMES)."""
+    if spec.precision == "int8":
+        return _load_int8(spec, variant, cache, build, calibration_pixels)
     reason = _tensorflow_reason(spec)
     if reason:
         model, _ = _load_tensorflow(spec, variant, cache, build)
@@ -462,6 +508,76 @@ def _load_onnx(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
     return LoadedModel(spec, size, variant.feature_dim,
                        converted.weights_sha256, converted.heads, runner,
                        f"{runner.describe()}; {parity.describe()}", parity)
+
+
+def _load_int8(spec: ModelSpec, variant, cache: str, build,
+               calibration_pixels=None) -> LoadedModel:
+    """The fp32 ONNX conversion quantized with `spec.calibration` (from the
+    cache, else quantized now from `calibration_pixels()`), on
+    `spec.engine` (auto: both timed, the faster kept). Raises
+    QuantizationError where int8 cannot be had; the accuracy guard is the
+    launcher's (`pipeline/calibration.py`), on held-out images."""
+    fp32_spec = dataclasses.replace(spec, precision="fp32", engine="auto",
+                                    calibration=None, runtime="onnxruntime")
+    try:
+        fp32 = _load_onnx(fp32_spec, variant, cache, build)
+    except ModelUnavailableError as e:
+        raise QuantizationError(f"int8 needs the model on ONNX Runtime: {e}") from e
+    path = onnx_runtime.cache_path(cache)
+    try:
+        with open(path + ".onnx", "rb") as f:
+            fp32_bytes = f.read()
+    except OSError as e:
+        raise QuantizationError(f"the fp32 ONNX model is not in the cache "
+                                f"({path}.onnx): {e}") from e
+    calibration = spec.calibration
+    qpath = quantize.cache_path(path, calibration.sha256)
+    model = quantize.read_cache(qpath)
+    quantized_now = model is None
+    if model is None:
+        if calibration_pixels is None:
+            raise QuantizationError(
+                f"the int8 model calibrated on {calibration.sha256[:12]} is not "
+                "in this machine's cache and no calibration images were given")
+        pixels = calibration_pixels()
+        if quantize.pixels_digest(pixels) != calibration.sha256:
+            raise QuantizationError(
+                "the calibration images decode to other pixels here than "
+                "where the int8 model was made (sha256 "
+                f"{quantize.pixels_digest(pixels)[:12]} vs "
+                f"{calibration.sha256[:12]}): they changed")
+        try:
+            model = quantize.quantize(fp32_bytes, pixels[quantize.split(len(pixels))[0]])
+        except Exception as e:
+            raise QuantizationError(f"quantization failed: {type(e).__name__}: "
+                                    f"{_first_line(e)}") from e
+        quantize.write_cache(qpath, model, calibration)
+        LOG.info("quantized %s to int8 on %d calibration images; cached in %s",
+                 spec.variant, len(pixels), qpath + ".onnx")
+    size = variant.input_size
+    probe = np.concatenate([onnx_runtime.probe_pixels(size)] * 4)  # 16 images
+    try:
+        if spec.engine == "auto":
+            engine, runner, timings = quantize.choose_engine(
+                model, qpath + ".onnx", probe)
+        else:
+            engine, runner, timings = spec.engine, quantize.runner(
+                spec.engine, model, qpath + ".onnx"), {}
+        runner(probe[:1])
+    except Exception as e:
+        raise QuantizationError(f"no engine runs the int8 model: "
+                                f"{type(e).__name__}: {_first_line(e)}") from e
+    record = {"calibration": calibration.to_dict(),
+              "settings": quantize.settings(),
+              "int8_instructions": quantize.int8_instructions() or "none",
+              "engine_seconds_per_16": timings,
+              "quantized_now": quantized_now}
+    return LoadedModel(spec, size, variant.feature_dim, fp32.weights_sha256,
+                       fp32.heads, runner,
+                       f"{runner.describe()} int8 (QDQ, calibrated on "
+                       f"{len(calibration.uris)} images); fp32 {fp32.runtime}",
+                       fp32.parity, engine=engine, quantization=record,
+                       reference=fp32)
 
 
 def _random_cache_path(spec: ModelSpec, variant) -> str:
