@@ -262,7 +262,10 @@ class SearchIndex:
                               "build one with `mobilenet-embed index OUT`")
         files = os.path.join(local, infos["files"])
         try:
-            index = faiss.read_index(os.path.join(files, "index.faiss"))
+            # A Beam build's inverted lists are on disk (lists.ivfdata), found
+            # next to index.faiss wherever the folder was copied to.
+            index = faiss.read_index(os.path.join(files, "index.faiss"),
+                                     faiss.IO_FLAG_ONDISK_SAME_DIR)
             rows = pq.read_table(os.path.join(files, "rows.parquet"))
         except Exception as e:  # pylint: disable=broad-except
             raise SearchError(f"the index in {folder} cannot be read "
@@ -399,6 +402,8 @@ def _local_folder(folder: str) -> str:
     infos = read_infos(local)
     os.makedirs(os.path.join(local, infos["files"]))
     for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/*"])[0].metadata_list:
+        if "/shards/" in m.path:  # a Beam build's shards: only for growing it
+            continue
         _copy_uri(m.path, os.path.join(local, infos["files"], m.path.rsplit("/", 1)[-1]))
     _DOWNLOADED[folder] = local
     return local
@@ -722,6 +727,9 @@ def _build_in_process(source: VectorSource, to: str, index_key: str, max_memory:
         infos = {
             "format_version": FORMAT_VERSION,
             "files": build_id,
+            "engine": "in-process",
+            "runner": None,
+            "shards": 1,
             "index_key": choice.key,
             "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
             "metric": METRIC,
@@ -778,10 +786,14 @@ def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
     if _is_remote(to):
         from apache_beam.io.filesystems import FileSystems
         base = to.rstrip("/")
-        for name in os.listdir(os.path.join(work, build_id)):
-            _copy_uri(os.path.join(work, build_id, name), f"{base}/{build_id}/{name}")
+        top = os.path.join(work, build_id)
+        for root, _, names in os.walk(top):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), top).replace(os.sep, "/")
+                if rel != INDEX_INFOS:
+                    _copy_uri(os.path.join(root, name), f"{base}/{build_id}/{rel}")
         _copy_uri(os.path.join(work, build_id, INDEX_INFOS), f"{base}/{INDEX_INFOS}")
-        old = [m.path for m in FileSystems.match([f"{base}/build-*/*"])[0].metadata_list
+        old = [m.path for m in FileSystems.match([f"{base}/build-*/**"])[0].metadata_list
                if f"/{build_id}/" not in m.path]
         if old:
             FileSystems.delete(old)
