@@ -56,6 +56,7 @@ from pipeline.search.index import (DEFAULT_MAX_MEMORY, FORMAT_VERSION, GIB, INDE
                                    _checked_key, _family, _identity_differences,
                                    _is_compressed, _is_remote, _join, _latency, _tune,
                                    _training_points, _build_in_process, choose_index,
+                                   faiss_quiet, read_faiss, check_trainable,
                                    estimate_bytes, locked_target, read_infos_or_none,
                                    unbuildable)
 from pipeline.search.vectors import Batch
@@ -456,6 +457,8 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
     num_queries = min(recall_queries, n)
     query_pos = np.sort(rng.choice(n, num_queries, replace=False))
     template = _checked_key(choice.key, d)
+    if not old:
+        check_trainable(choice.key, n, d)
     ntrain = 0 if old else min(n, _training_points(choice.key, n))
     train_pos = np.sort(rng.choice(n, ntrain, replace=False)) if ntrain else np.empty(0, np.int64)
     elements, query_labels, pos = [], [], 0
@@ -540,7 +543,8 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
                        for r in shard_records if r["rows"]]
         if shard_paths:
             from faiss.contrib.ondisk import merge_ondisk
-            merge_ondisk(merged, shard_paths, os.path.join(files, "lists.ivfdata"))
+            with faiss_quiet():
+                merge_ondisk(merged, shard_paths, os.path.join(files, "lists.ivfdata"))
         faiss.write_index(merged, os.path.join(files, "index.faiss"))
         rows_table = _gather_rows(old, removed, add_shards, work, next_label)
         pq.write_table(rows_table, os.path.join(files, "rows.parquet"))
@@ -557,8 +561,7 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
         t = time.perf_counter()
         rerank = ({"exact": True, "candidates_per_k": _candidates_per_k(choice.key)}
                   if choice.rerank else None)
-        opened = SearchIndex(faiss.read_index(os.path.join(files, "index.faiss"),
-                                              faiss.IO_FLAG_ONDISK_SAME_DIR),
+        opened = SearchIndex(read_faiss(os.path.join(files, "index.faiss")),
                              rows_table.column("image_id").combine_chunks(),
                              rows_table.column("uri").combine_chunks(),
                              {"rerank": rerank, "index_key": choice.key},

@@ -199,12 +199,53 @@ def _checked_key(key: str, d: int) -> faiss.Index:
     return index
 
 
+@contextlib.contextmanager
+def faiss_quiet():
+    """faiss's on-disk inverted lists print progress with printf (to fd 1):
+    kept off stdout, which carries the commands' JSON."""
+    import sys
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def read_faiss(path: str) -> faiss.Index:
+    """An index file; a Beam build's inverted lists (lists.ivfdata) are
+    found next to it wherever the folder was copied to."""
+    with faiss_quiet():
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
 def _first_line(e: BaseException) -> str:
     """faiss's errors carry a C++ location first; the reason is the last line."""
     lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
     text = lines[-1] if lines else type(e).__name__
     text = re.sub(r"^Error in .*? at \S+: ", "", text)
     return re.sub(r"^Error: '.*?' failed: ", "", text)[:200]
+
+
+def check_trainable(key: str, n: int, d: int) -> None:
+    """k-means needs at least as many points as centroids: inverted lists
+    (nlist) and product quantizers (256 per sub-quantizer). Said before
+    minutes of training find it out."""
+    ivf = re.search(r"IVF(\d+)", key)
+    need = int(ivf.group(1)) if ivf else 0
+    if re.search(r"(^|,)(OPQ|PQ)\d+", key):
+        need = max(need, 256)
+    if n < need:
+        raise SearchError(f"--index_key {key!r} cannot be built on {n} vectors of {d} "
+                          f"dims: its training needs at least {need} vectors")
 
 
 @contextlib.contextmanager
@@ -262,10 +303,7 @@ class SearchIndex:
                               "build one with `mobilenet-embed index OUT`")
         files = os.path.join(local, infos["files"])
         try:
-            # A Beam build's inverted lists are on disk (lists.ivfdata), found
-            # next to index.faiss wherever the folder was copied to.
-            index = faiss.read_index(os.path.join(files, "index.faiss"),
-                                     faiss.IO_FLAG_ONDISK_SAME_DIR)
+            index = read_faiss(os.path.join(files, "index.faiss"))
             rows = pq.read_table(os.path.join(files, "rows.parquet"))
         except Exception as e:  # pylint: disable=broad-except
             raise SearchError(f"the index in {folder} cannot be read "
@@ -603,6 +641,7 @@ def _build_in_process(source: VectorSource, to: str, index_key: str, max_memory:
     template = _checked_key(choice.key, d)
     ntrain = 0
     if not template.is_trained and not incremental:
+        check_trainable(choice.key, n, d)
         ntrain = min(n, _training_points(choice.key, n))
     train_pos = np.sort(rng.choice(n, ntrain, replace=False)) if ntrain else np.empty(0, np.int64)
     queries = np.empty((num_queries, d), np.float32)
@@ -790,8 +829,7 @@ def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
         for root, _, names in os.walk(top):
             for name in names:
                 rel = os.path.relpath(os.path.join(root, name), top).replace(os.sep, "/")
-                if rel != INDEX_INFOS:
-                    _copy_uri(os.path.join(root, name), f"{base}/{build_id}/{rel}")
+                _copy_uri(os.path.join(root, name), f"{base}/{build_id}/{rel}")
         _copy_uri(os.path.join(work, build_id, INDEX_INFOS), f"{base}/{INDEX_INFOS}")
         old = [m.path for m in FileSystems.match([f"{base}/build-*/**"])[0].metadata_list
                if f"/{build_id}/" not in m.path]
