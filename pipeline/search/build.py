@@ -95,6 +95,25 @@ def _put(data: bytes, uri: str) -> None:
     write_file_atomically(uri, data)
 
 
+def _put_file(local: str, uri: str) -> None:
+    """A local file moved to `uri` whole (renamed locally, streamed to GCS)."""
+    if not _is_remote(uri):
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        shutil.move(local, uri + ".tmp")
+        os.replace(uri + ".tmp", uri)
+        return
+    from apache_beam.io.filesystems import FileSystems
+    with open(local, "rb") as src, FileSystems.create(uri) as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+    os.unlink(local)
+
+
+def _copy_to_local(uri: str, local: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+    with FileSystems.open(uri) as src, open(local, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 24)
+
+
 def _get(uri: str) -> bytes:
     from apache_beam.io.filesystems import FileSystems
     with FileSystems.open(uri) as f:
@@ -237,7 +256,10 @@ class _AddDoFn:
                                        "the dataset changed while it was indexed")
             if shard.add:
                 base = f"{self.work}/shards/{shard.name}"
-                _put(_index_bytes(index), base + ".faiss")
+                local = tempfile.mktemp(prefix="shard-", suffix=".faiss")
+                faiss.write_index(index, local)
+                del index
+                _put_file(local, base + ".faiss")
                 table = pa.table({"label": pa.array(np.concatenate(row_labels) if row_labels
                                                     else np.empty(0, np.int64)),
                                   "image_id": pa.array(ids, pa.string()),
@@ -247,12 +269,12 @@ class _AddDoFn:
                 _put(buf.getvalue(), base + ".rows.parquet")
                 if vectors_out is not None:
                     vectors_out.close()
-                    with open(vectors_out.name, "rb") as f:
-                        _put(f.read(), base + ".f32")
+                    _put_file(vectors_out.name, base + ".f32")
         finally:
             if vectors_out is not None:
                 vectors_out.close()
-                os.unlink(vectors_out.name)
+                if os.path.exists(vectors_out.name):
+                    os.unlink(vectors_out.name)
         stats = {"shard": shard.name, "rows": shard.rows, "added": shard.add,
                  "seconds": round(time.perf_counter() - started, 3),
                  "peak_rss_bytes": _peak_rss(), "pid": os.getpid()}
@@ -735,8 +757,8 @@ def _gather_shards(old, removed, add_shards, work, files, progress) -> list:
                     shutil.copyfile(src, dst)
             records.append(record)
     for shard in add_shards:
-        with open(os.path.join(files, "shards", shard.name + ".faiss"), "wb") as f:
-            f.write(_get(f"{work}/shards/{shard.name}.faiss"))
+        _copy_to_local(f"{work}/shards/{shard.name}.faiss",
+                       os.path.join(files, "shards", shard.name + ".faiss"))
         records.append({"name": shard.name, "rows": shard.rows, "segments": shard.segments})
     return records
 
@@ -771,11 +793,15 @@ def _gather_vectors(old, add_shards, work, files, d, next_label) -> None:
     with open(path, "ab" if old else "wb") as out:
         out.truncate(4 * d * next_label)
     with open(path, "r+b") as out:
+        from apache_beam.io.filesystems import FileSystems
         for shard in add_shards:
-            data = _get(f"{work}/shards/{shard.name}.f32")
-            offset = 0
-            for _, lo, hi, label_start in shard.segments:
-                size = 4 * d * (hi - lo)
-                out.seek(4 * d * label_start)
-                out.write(data[offset:offset + size])
-                offset += size
+            with FileSystems.open(f"{work}/shards/{shard.name}.f32") as data:
+                for _, lo, hi, label_start in shard.segments:
+                    out.seek(4 * d * label_start)
+                    left = 4 * d * (hi - lo)
+                    while left:
+                        chunk = data.read(min(left, 1 << 24))
+                        if not chunk:
+                            raise SearchError(f"shard {shard.name}'s vectors are short")
+                        out.write(chunk)
+                        left -= len(chunk)
