@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from corpus import file_permissions_enforced
-from gcs_emulator import NetworkGuard, forget_beam_credentials
+from gcs_emulator import NetworkGuard, forget_beam_credentials, gcs_emulator  # noqa: F401
 from jobs import run_job, sample_photos
 from paths import ROOT
 from pipeline.search import ArrayVectors, SearchIndex, build_index
@@ -346,3 +346,27 @@ def test_a_damaged_index_is_rebuilt(dataset, tmp_path, capsys, damage):
     again = json.loads((to / INDEX_INFOS).read_text())
     assert again["files"] != infos["files"] and not again["incremental"]
     assert SearchIndex.open(str(to)).ntotal == again["rows"]
+
+
+def test_a_beam_build_into_a_bucket_is_searched_and_grown_there(dataset, gcs_emulator,
+                                                                tmp_path, capsys):
+    gcs_emulator.create_bucket("beam-index")
+    gcs_emulator.upload_tree(dataset, "gs://beam-index/out")
+    out = "gs://beam-index/out"
+    args = [out, "--index_key", "IVF2,Flat", "--shards", "2"] + IN_MEMORY
+    assert index_main(args) == 0, capsys.readouterr()
+    infos = json.loads(gcs_emulator.read(f"{out}/index/{INDEX_INFOS}"))
+    stored = {u.split(f"/{infos['files']}/", 1)[1]
+              for u in gcs_emulator.list(f"{out}/index/{infos['files']}/")}
+    assert {"index.faiss", "lists.ivfdata", "rows.parquet", "trained.faiss"} <= stored
+    assert sum(s.startswith("shards/") for s in stored) == 2
+    assert not gcs_emulator.list(f"{out}/index/_work/")
+    capsys.readouterr()
+    first_id = SearchIndex.open(f"{out}/index").image_ids[0].as_py()
+    assert query_main([out, "--id", first_id, "--k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["neighbors"]
+    # Again: nothing new, the committed shards are kept and merged again.
+    assert index_main(args) == 0
+    again = json.loads(gcs_emulator.read(f"{out}/index/{INDEX_INFOS}"))
+    assert again["incremental"] and again["rows_added"] == 0 and again["rows"] == infos["rows"]
+    assert not gcs_emulator.list(f"{out}/index/{infos['files']}/")
