@@ -308,7 +308,7 @@ def test_two_builds_at_once_never_leave_infos_naming_a_missing_build(dataset, tm
     cmd = [sys.executable, "-m", "pipeline", "index", str(dataset), "--to", str(to),
            "--rebuild", "--index_key", "HNSW32,Flat"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    for _ in range(2):
+    for _ in range(1):
         procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for _ in range(2)]
         results = [(p.wait(), p.communicate()[1]) for p in procs]
