@@ -357,6 +357,38 @@ def plan_shards(parts: list[tuple[str, int, int]], count: int, add: bool, prefix
     return shards
 
 
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def threads_per_worker(beam_run) -> Optional[int]:
+    """Local worker processes share the machine's cores: each gets its share
+    for faiss (OpenMP) and NumPy (BLAS), not all of them each. None on a
+    remote runner (its workers have their own cores) or where the caller
+    set the thread count."""
+    if not beam_run.local_workers or any(v in os.environ for v in THREAD_VARIABLES):
+        return None
+    return max(1, (os.cpu_count() or 1) // beam_run.local_workers)
+
+
+def _run(build, beam_run, what: str) -> bool:
+    """run_pipeline with the worker processes' thread share in their
+    environment (they are started with it; this process keeps its own)."""
+    from pipeline.search.beam import run_pipeline
+    threads = threads_per_worker(beam_run) if (beam_run.local_workers or 0) > 1 else None
+    if threads is None:
+        return run_pipeline(build, beam_run, what)
+    saved = {v: os.environ.get(v) for v in THREAD_VARIABLES}
+    os.environ.update({v: str(threads) for v in THREAD_VARIABLES})
+    try:
+        return run_pipeline(build, beam_run, what)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def _plan_id(*things) -> str:
     return hashlib.sha256(json.dumps(things, sort_keys=True, default=str).encode()
                           ).hexdigest()[:16]
@@ -505,7 +537,7 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
     # sample
     t = time.perf_counter()
     if not _exists(f"{work}/queries.npz"):
-        run_pipeline(sample_graph(source, work, elements), beam_run, "index sample")
+        _run(sample_graph(source, work, elements), beam_run, "index sample")
         picked = np.concatenate([np.load(io.BytesIO(_get(f"{work}/sample/{e[0]:06d}.npz")))
                                  ["vectors"] for e in elements])
         queries = picked[np.searchsorted(wanted_all, query_pos)]
@@ -541,8 +573,8 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
         progress(f"resuming: {resumed} of {len(add_shards)} shards were done before")
     progress(f"adding {n_new} rows in {len(add_shards)} shards, exact search of "
              f"{num_queries} recall queries alongside")
-    run_pipeline(add_graph(source, work, add_shards + exact_shards, choice.rerank,
-                           RECALL_K + 1, choice.key, n), beam_run, "index add")
+    _run(add_graph(source, work, add_shards + exact_shards, choice.rerank,
+                   RECALL_K + 1, choice.key, n), beam_run, "index add")
     gt = np.load(io.BytesIO(_get(f"{work}/gt.npz")))
     gt_scores, gt_rows = _sorted_topk(gt["scores"], gt["labels"])
     worker_stats = []
@@ -604,6 +636,8 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
             "files": build_id,
             "engine": "beam",
             "runner": beam_run.describe(),
+            "threads_per_worker": threads_per_worker(beam_run)
+            if (beam_run.local_workers or 0) > 1 else None,
             "index_key": choice.key,
             "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
             "metric": METRIC,
