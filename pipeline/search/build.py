@@ -568,6 +568,7 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
 
     # add (+ exact top-k)
     t = time.perf_counter()
+    _forget_incomplete(work, add_shards, choice.rerank)
     resumed = sum(_exists(f"{work}/done/{s.name}.npz") for s in add_shards)
     if resumed:
         progress(f"resuming: {resumed} of {len(add_shards)} shards were done before")
@@ -714,6 +715,29 @@ def _peaks(stats: list) -> dict:
     return peaks
 
 
+def _forget_incomplete(work: str, shards: list, rerank: bool) -> None:
+    """A shard counts as done when its done-record and all its files are
+    there (a run that ended after moving some of them into a build folder
+    has them redone)."""
+    from apache_beam.io.filesystems import FileSystems
+    for shard in shards:
+        done = f"{work}/done/{shard.name}.npz"
+        if not _exists(done):
+            continue
+        base = f"{work}/shards/{shard.name}"
+        needed = [base + ".faiss", base + ".rows.parquet"] + ([base + ".f32"] if rerank else [])
+        if not all(_exists(p) for p in needed):
+            FileSystems.delete([done])
+
+
+def _take(uri: str, local: str) -> None:
+    """A work-area file into the build folder: moved when both are local."""
+    if _is_remote(uri):
+        _copy_to_local(uri, local)
+    else:
+        os.replace(uri, local)
+
+
 def _clean_work(to: str, keep: Optional[str]) -> None:
     """Build areas of other plans (and, after a commit, all of them)."""
     base = _join(to, WORK)
@@ -791,8 +815,8 @@ def _gather_shards(old, removed, add_shards, work, files, progress) -> list:
                     shutil.copyfile(src, dst)
             records.append(record)
     for shard in add_shards:
-        _copy_to_local(f"{work}/shards/{shard.name}.faiss",
-                       os.path.join(files, "shards", shard.name + ".faiss"))
+        _take(f"{work}/shards/{shard.name}.faiss",
+              os.path.join(files, "shards", shard.name + ".faiss"))
         records.append({"name": shard.name, "rows": shard.rows, "segments": shard.segments})
     return records
 
@@ -829,7 +853,8 @@ def _gather_vectors(old, add_shards, work, files, d, next_label) -> None:
     with open(path, "r+b") as out:
         from apache_beam.io.filesystems import FileSystems
         for shard in add_shards:
-            with FileSystems.open(f"{work}/shards/{shard.name}.f32") as data:
+            shard_vectors = f"{work}/shards/{shard.name}.f32"
+            with FileSystems.open(shard_vectors) as data:
                 for _, lo, hi, label_start in shard.segments:
                     out.seek(4 * d * label_start)
                     left = 4 * d * (hi - lo)
@@ -839,3 +864,4 @@ def _gather_vectors(old, add_shards, work, files, d, next_label) -> None:
                             raise SearchError(f"shard {shard.name}'s vectors are short")
                         out.write(chunk)
                         left -= len(chunk)
+            FileSystems.delete([shard_vectors])  # the disk holds one copy, not two
