@@ -461,7 +461,6 @@ def _code_bytes(key: str, d: int) -> int:
 
 def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_queries,
            seed, shards, beam_run, batch_size, progress) -> dict:
-    from pipeline.search.beam import run_pipeline
     started = time.perf_counter()
     times: dict[str, float] = {}
     # measure: row counts and names only.
