@@ -2,6 +2,7 @@
 
   mobilenet-embed index OUT [--to DIR] [--index_key auto|FACTORY] [--max_memory 8G]
                             [--target_recall 0.95] [--rebuild] [--shards N]
+                            [--layout merged|stacked]
                             [Beam flags: --runner, --direct_num_workers, --dry_run ...]
   mobilenet-embed query OUT (--image P ... | --id ID ... | --manifest FILE)
                             [--k 10] [--json] [--output DIR] [--index DIR]
@@ -69,12 +70,16 @@ def index_main(argv: list[str]) -> int:
     parser.add_argument("--shards", type=int, default=None,
                         help="shards of an inverted-file build (default: from the "
                              "rows and the memory per worker)")
+    parser.add_argument("--layout", choices=("merged", "stacked"), default="merged",
+                        help="merged: the shards' lists merged into one file on disk; "
+                             "stacked: no merge, the shards searched as one")
     args, beam_argv = parser.parse_known_args(argv)
     infos = build_dataset_index(args.output, to=args.to, index_key=args.index_key,
                                 max_memory=parse_size(args.max_memory),
                                 target_recall=args.target_recall,
                                 rebuild=args.rebuild, progress=_say,
-                                shards=args.shards, beam_argv=beam_argv)
+                                shards=args.shards, beam_argv=beam_argv,
+                                layout=args.layout)
     where = args.to or f"{args.output.rstrip('/')}/index"
     if infos.get("dry_run"):
         print(f"dry run: {infos['index_key']} ({infos['engine']}"

@@ -348,17 +348,20 @@ def test_a_damaged_index_is_rebuilt(dataset, tmp_path, capsys, damage):
     assert SearchIndex.open(str(to)).ntotal == again["rows"]
 
 
+@pytest.mark.parametrize("layout", ["merged", "stacked"])
 def test_a_beam_build_into_a_bucket_is_searched_and_grown_there(dataset, gcs_emulator,
-                                                                tmp_path, capsys):
-    gcs_emulator.create_bucket("beam-index")
-    gcs_emulator.upload_tree(dataset, "gs://beam-index/out")
-    out = "gs://beam-index/out"
-    args = [out, "--index_key", "IVF2,Flat", "--shards", "2"] + IN_MEMORY
+                                                                tmp_path, capsys, layout):
+    bucket = f"beam-index-{layout}"
+    gcs_emulator.create_bucket(bucket)
+    gcs_emulator.upload_tree(dataset, f"gs://{bucket}/out")
+    out = f"gs://{bucket}/out"
+    args = [out, "--index_key", "IVF2,Flat", "--shards", "2", "--layout", layout] + IN_MEMORY
     assert index_main(args) == 0, capsys.readouterr()
     infos = json.loads(gcs_emulator.read(f"{out}/index/{INDEX_INFOS}"))
     stored = {u.split(f"/{infos['files']}/", 1)[1]
               for u in gcs_emulator.list(f"{out}/index/{infos['files']}/")}
-    assert {"index.faiss", "lists.ivfdata", "rows.parquet", "trained.faiss"} <= stored
+    assert {"index.faiss", "rows.parquet", "trained.faiss"} <= stored
+    assert ("lists.ivfdata" in stored) == (layout == "merged")
     assert sum(s.startswith("shards/") for s in stored) == 2
     assert not gcs_emulator.list(f"{out}/index/_work/")
     capsys.readouterr()
@@ -370,3 +373,29 @@ def test_a_beam_build_into_a_bucket_is_searched_and_grown_there(dataset, gcs_emu
     again = json.loads(gcs_emulator.read(f"{out}/index/{INDEX_INFOS}"))
     assert again["incremental"] and again["rows_added"] == 0 and again["rows"] == infos["rows"]
     assert not gcs_emulator.list(f"{out}/index/{infos['files']}/")
+
+
+def test_stacked_shards_search_exactly_like_the_merged_index(tmp_path):
+    x = clustered(3000, seed=12)
+    source = ArrayVectors(x, image_ids=ids(3000), part_rows=500, made_by=MADE_BY)
+    infos = {}
+    for layout in ("merged", "stacked"):
+        infos[layout] = build_index_beam(source, str(tmp_path / layout), index_key="IVF32,SQ8",
+                                         recall_queries=200, shards=3, layout=layout,
+                                         beam_argv=IN_MEMORY, progress=quiet)
+    stacked_files = tmp_path / "stacked" / infos["stacked"]["files"]
+    assert infos["stacked"]["layout"] == "stacked" and not (stacked_files / "lists.ivfdata").exists()
+    assert infos["stacked"]["recall_at_10"] == infos["merged"]["recall_at_10"]
+    merged, stacked = (SearchIndex.open(str(tmp_path / l)) for l in ("merged", "stacked"))
+    assert merged.ntotal == stacked.ntotal == 3000
+    q = clustered(50, seed=13)
+    for a, b in zip(merged.search_rows(q, 10), stacked.search_rows(q, 10)):
+        np.testing.assert_array_equal(a, b)
+    # Grown, the stacked index adds a shard and still merges nothing.
+    grown = ArrayVectors(np.concatenate([x, clustered(500, seed=14)]), image_ids=ids(3500),
+                         part_rows=500, made_by=MADE_BY)
+    again = build_index_beam(grown, str(tmp_path / "stacked"), index_key="IVF32,SQ8",
+                             recall_queries=200, shards=1, layout="stacked",
+                             beam_argv=IN_MEMORY, progress=quiet)
+    assert again["incremental"] and len(again["stacked_shards"]) == 4
+    assert SearchIndex.open(str(tmp_path / "stacked")).ntotal == 3500

@@ -17,7 +17,8 @@ def build_dataset_index(output: str, to: Optional[str] = None, index_key: str = 
                         rebuild: bool = False,
                         progress: Callable[[str], None] = LOG.info,
                         shards: Optional[int] = None,
-                        beam_argv: Optional[list] = None) -> dict:
+                        beam_argv: Optional[list] = None,
+                        layout: str = "merged") -> dict:
     """Index a dataset into `to` (default OUT/index): inverted files as a Beam
     pipeline (local FnApiRunner by default; Beam's flags in `beam_argv`,
     e.g. ["--runner", "DataflowRunner", ...] or ["--dry_run"]), Flat and
@@ -26,7 +27,7 @@ def build_dataset_index(output: str, to: Optional[str] = None, index_key: str = 
     return build_index_beam(dataset, to or default_index_dir(dataset), index_key=index_key,
                             max_memory=max_memory, target_recall=target_recall,
                             rebuild=rebuild, shards=shards, beam_argv=beam_argv,
-                            progress=progress)
+                            layout=layout, progress=progress)
 
 
 def _digests(dataset: DatasetVectors):

@@ -357,6 +357,38 @@ def plan_shards(parts: list[tuple[str, int, int]], count: int, add: bool, prefix
     return shards
 
 
+LAYOUTS = {
+    "merged": "one index: the shards' inverted lists merged into lists.ivfdata "
+              "(on disk, memory-mapped when searched)",
+    "stacked": "no merge: the shards' inverted lists (shards/*.faiss, memory-mapped) "
+               "searched as one through the trained quantizer (faiss HStackInvertedLists)",
+}
+
+
+def open_stacked(index_path: str, shard_names: list) -> faiss.Index:
+    """The trained (empty) index of `index_path` searching the lists of the
+    shards next to it (shards/<name>.faiss, memory-mapped) as one: list i
+    is every shard's list i. Nothing is merged or copied; one quantizer."""
+    folder = os.path.dirname(index_path)
+    index = faiss.read_index(index_path)
+    ivf = faiss.extract_index_ivf(index)
+    shards = [faiss.read_index(os.path.join(folder, "shards", name + ".faiss"),
+                               faiss.IO_FLAG_MMAP) for name in shard_names]
+    lists = [faiss.extract_index_ivf(shard).invlists for shard in shards]
+    if not lists:
+        return index
+    vector = faiss.InvertedListsPtrVector()
+    for invlists in lists:
+        vector.push_back(invlists)
+    stacked = faiss.HStackInvertedLists(len(lists), vector.data())
+    ivf.replace_invlists(stacked, False)
+    total = sum(shard.ntotal for shard in shards)
+    index.ntotal = ivf.ntotal = total
+    # The Python objects own the shards and the stack: kept with the index.
+    index.referenced_objects = [shards, lists, vector, stacked, ivf]
+    return index
+
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
@@ -401,6 +433,7 @@ def build_index_beam(source: PartedSource, to: str, index_key: str = "auto",
                      rebuild: bool = False, recall_queries: int = RECALL_QUERIES,
                      seed: int = 0, shards: Optional[int] = None,
                      beam_argv: Optional[list] = None, batch_size: int = 8192,
+                     layout: str = "merged",
                      progress: Callable[[str], None] = LOG.info) -> dict:
     """Index every row of `source` into `to`: inverted files on Beam, Flat
     and HNSW in this process (index_infos.json's `engine` says which).
@@ -409,6 +442,8 @@ def build_index_beam(source: PartedSource, to: str, index_key: str = "auto",
     from pipeline.search.beam import BeamRun
     if not 0 < target_recall <= 1:
         raise SearchError(f"--target_recall must be in (0, 1], got {target_recall}")
+    if layout not in LAYOUTS:
+        raise SearchError(f"--layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if shards is not None and shards < 1:
         raise SearchError(f"--shards must be at least 1, got {shards}")
     if index_key != "auto":
@@ -418,7 +453,7 @@ def build_index_beam(source: PartedSource, to: str, index_key: str = "auto",
         return _dry_run(source, to, index_key, max_memory, shards, beam_run, progress)
     with locked_target(to, progress):
         return _build(source, to, index_key, max_memory, target_recall, rebuild,
-                      recall_queries, seed, shards, beam_run, batch_size, progress)
+                      recall_queries, seed, shards, beam_run, batch_size, progress, layout)
 
 
 def _choose(source, n: int, d: int, index_key: str, max_memory: int,
@@ -460,7 +495,7 @@ def _code_bytes(key: str, d: int) -> int:
 
 
 def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_queries,
-           seed, shards, beam_run, batch_size, progress) -> dict:
+           seed, shards, beam_run, batch_size, progress, layout="merged") -> dict:
     started = time.perf_counter()
     times: dict[str, float] = {}
     # measure: row counts and names only.
@@ -595,11 +630,17 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
         merged = _index_from(_index_bytes(trained))
         shard_paths = [os.path.join(files, "shards", r["name"] + ".faiss")
                        for r in shard_records if r["rows"]]
-        if shard_paths:
-            from faiss.contrib.ondisk import merge_ondisk
-            with faiss_quiet():
-                merge_ondisk(merged, shard_paths, os.path.join(files, "lists.ivfdata"))
-        faiss.write_index(merged, os.path.join(files, "index.faiss"))
+        if layout == "stacked":
+            # No merge: the shards' lists are searched as one (open_stacked).
+            faiss.write_index(merged, os.path.join(files, "index.faiss"))
+            merged = open_stacked(os.path.join(files, "index.faiss"),
+                                  [r["name"] for r in shard_records if r["rows"]])
+        else:
+            if shard_paths:
+                from faiss.contrib.ondisk import merge_ondisk
+                with faiss_quiet():
+                    merge_ondisk(merged, shard_paths, os.path.join(files, "lists.ivfdata"))
+            faiss.write_index(merged, os.path.join(files, "index.faiss"))
         rows_table = _gather_rows(old, removed, add_shards, work, next_label)
         pq.write_table(rows_table, os.path.join(files, "rows.parquet"))
         if choice.rerank:
@@ -615,7 +656,10 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
         t = time.perf_counter()
         rerank = ({"exact": True, "candidates_per_k": _candidates_per_k(choice.key)}
                   if choice.rerank else None)
-        opened = SearchIndex(read_faiss(os.path.join(files, "index.faiss")),
+        opened = SearchIndex(read_faiss(os.path.join(files, "index.faiss"))
+                             if layout == "merged" else
+                             open_stacked(os.path.join(files, "index.faiss"),
+                                          [r["name"] for r in shard_records if r["rows"]]),
                              rows_table.column("image_id").combine_chunks(),
                              rows_table.column("uri").combine_chunks(),
                              {"rerank": rerank, "index_key": choice.key},
@@ -641,7 +685,10 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
             "index_key": choice.key,
             "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
             "metric": METRIC,
-            "layout": "one index, inverted lists on disk (lists.ivfdata, merged from the shards)",
+            "layout": layout,
+            "layout_note": LAYOUTS[layout],
+            "stacked_shards": [r["name"] for r in shard_records if r["rows"]]
+            if layout == "stacked" else None,
             "rerank": rerank,
             "search_parameters": params,
             "target_recall_at_10": target_recall,

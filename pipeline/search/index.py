@@ -303,7 +303,12 @@ class SearchIndex:
                               "build one with `mobilenet-embed index OUT`")
         files = os.path.join(local, infos["files"])
         try:
-            index = read_faiss(os.path.join(files, "index.faiss"))
+            if infos.get("layout") == "stacked":
+                from pipeline.search.build import open_stacked
+                index = open_stacked(os.path.join(files, "index.faiss"),
+                                     infos.get("stacked_shards") or [])
+            else:
+                index = read_faiss(os.path.join(files, "index.faiss"))
             rows = pq.read_table(os.path.join(files, "rows.parquet"))
         except Exception as e:  # pylint: disable=broad-except
             raise SearchError(f"the index in {folder} cannot be read "
@@ -439,8 +444,13 @@ def _local_folder(folder: str) -> str:
     _copy_uri(infos_uri, os.path.join(local, INDEX_INFOS))
     infos = read_infos(local)
     os.makedirs(os.path.join(local, infos["files"]))
-    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/*"])[0].metadata_list:
-        if "/shards/" in m.path:  # a Beam build's shards: only for growing it
+    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/**"])[0].metadata_list:
+        if "/shards/" in m.path and infos.get("layout") != "stacked":
+            continue  # a merged Beam build's shards: only for growing it
+        if "/shards/" in m.path:
+            os.makedirs(os.path.join(local, infos["files"], "shards"), exist_ok=True)
+            _copy_uri(m.path, os.path.join(local, infos["files"], "shards",
+                                           m.path.rsplit("/", 1)[-1]))
             continue
         _copy_uri(m.path, os.path.join(local, infos["files"], m.path.rsplit("/", 1)[-1]))
     _DOWNLOADED[folder] = local
