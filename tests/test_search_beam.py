@@ -254,7 +254,7 @@ def test_dataflow_dry_run_builds_the_graph_and_writes_nothing(dataset, tmp_path,
 # --- issue 18: the index folder's safety rules -------------------------------------
 
 @pytest.mark.parametrize("key", ["IVF0,Flat", "IVF1024,Flat", "OPQ16,IVF4,PQ16",
-                                 "IDMap,Flat", "PCA1000,Flat"])
+                                 "IDMap,Flat", "PCA1000,Flat", "PCA64,IVF2,Flat"])
 def test_a_key_that_cannot_be_built_is_one_line_and_leaves_no_folder(dataset, tmp_path,
                                                                      capsys, key):
     to = tmp_path / "to"

@@ -6,8 +6,10 @@
            and draws the training sample and the recall queries by position
   sample   Beam: each part's worker reads the drawn rows of its part
            (`SampleRows`); the launcher gets only those rows
-  train    the quantizer is trained once, in the launcher, on the sample
-           and written to the build area (`<to>/_work/<plan>/trained.faiss`)
+  train    Beam, one element: the quantizer is trained once, on one worker,
+           from the sample files, and written to the build area
+           (`<to>/_work/<plan>/trained.faiss`); the launcher never holds
+           the training sample
   add      Beam: one element per shard (a range of rows of one or more
            parts); each worker reads only its shard's vectors, adds them to
            an empty copy of the trained index and writes the shard's
@@ -49,7 +51,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, SearchJobFailed
 from pipeline.search.index import (DEFAULT_MAX_MEMORY, FORMAT_VERSION, GIB, INDEX_INFOS,
                                    LOG, METRIC, RECALL_K, RECALL_QUERIES, Choice,
                                    RowReader, SearchIndex, _candidates_per_k,
@@ -301,6 +303,37 @@ def _write_gt(work: str):
     return write
 
 
+class _TrainDoFn:
+    """Trains the quantizer once, on one worker, from the sample files: the
+    launcher never holds the training sample."""
+
+    def __init__(self, work: str, key: str, d: int, n: int, picks: list):
+        self.work, self.key, self.d, self.n, self.picks = work, key, d, n, picks
+
+    def __call__(self, _):
+        started = time.perf_counter()
+        train = np.concatenate(
+            [np.load(io.BytesIO(_get(f"{self.work}/sample/{e:06d}.npz")))["vectors"][idx]
+             for e, idx in self.picks]) if self.picks else np.empty((0, self.d), np.float32)
+        index = _checked_key(self.key, self.d)
+        with unbuildable(self.key, self.n, self.d):
+            index.train(train)
+        _put(_index_bytes(index), f"{self.work}/trained.faiss")
+        stats = {"seconds": round(time.perf_counter() - started, 3),
+                 "peak_rss_bytes": _peak_rss(), "pid": os.getpid(), "points": len(train)}
+        _put(json.dumps(stats).encode(), f"{self.work}/train-stats.json")
+        return 0
+
+
+def train_graph(work: str, key: str, d: int, n: int, picks: list):
+    import apache_beam as beam
+
+    def build(p):
+        (p | "Quantizer" >> beam.Create([0])
+         | "TrainQuantizer" >> beam.Map(_TrainDoFn(work, key, d, n, picks)))
+    return build
+
+
 def sample_graph(source, work: str, elements: list):
     import apache_beam as beam
 
@@ -482,6 +515,7 @@ def _dry_run(source, to, index_key, max_memory, shards, beam_run, progress) -> d
     count = shards or default_shards(n, _code_bytes(choice.key, d), beam_run.local_workers)
     planned = plan_shards(labelled, count, True, "shard-")
     run_pipeline(sample_graph(source, work, [(0, parts[0][0], [0])]), beam_run, "index sample")
+    run_pipeline(train_graph(work, choice.key, d, n, [(0, [0])]), beam_run, "index train")
     run_pipeline(add_graph(source, work, planned, choice.rerank, RECALL_K + 1, choice.key, n),
                  beam_run, "index add")
     progress(f"dry run: {choice.key} in {len(planned)} shards on {beam_run.describe()}; "
@@ -544,7 +578,6 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
     rng = np.random.default_rng(seed)
     num_queries = min(recall_queries, n)
     query_pos = np.sort(rng.choice(n, num_queries, replace=False))
-    template = _checked_key(choice.key, d)
     if not old:
         check_trainable(choice.key, n, d)
     ntrain = 0 if old else min(n, _training_points(choice.key, n))
@@ -570,25 +603,43 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
 
     # sample
     t = time.perf_counter()
+    train_stats = None
     if not _exists(f"{work}/queries.npz"):
         _run(sample_graph(source, work, elements), beam_run, "index sample")
-        picked = np.concatenate([np.load(io.BytesIO(_get(f"{work}/sample/{e[0]:06d}.npz")))
-                                 ["vectors"] for e in elements])
-        queries = picked[np.searchsorted(wanted_all, query_pos)]
-        train = picked[np.searchsorted(wanted_all, train_pos)] if ntrain else None
-        del picked
+        # Which of each part's sampled rows are queries / training points.
+        query_parts, picks, start = [], [], 0
+        for e, _, rows in elements:
+            stop = start + len(rows)
+            chosen = wanted_all[start:stop]
+            q = np.nonzero(np.isin(chosen, query_pos))[0]
+            if len(q):
+                query_parts.append((e, q))
+            tr = np.nonzero(np.isin(chosen, train_pos))[0]
+            if len(tr):
+                picks.append((e, tr))
+            start = stop
+        queries = np.concatenate(
+            [np.load(io.BytesIO(_get(f"{work}/sample/{e:06d}.npz")))["vectors"][q]
+             for e, q in query_parts])
         times["sample_s"] = time.perf_counter() - t
-        # train
+        # train: once, on one worker (never the launcher's memory)
         t = time.perf_counter()
         if old:
-            trained = faiss.read_index(os.path.join(old["local_files"], "trained.faiss"))
+            _put(_index_bytes(faiss.read_index(os.path.join(old["local_files"],
+                                                            "trained.faiss"))),
+                 f"{work}/trained.faiss")
         else:
-            progress(f"training {choice.key} on {ntrain} vectors")
-            trained = template
-            with unbuildable(choice.key, n, d):
-                trained.train(train)
-        del train
-        _put(_index_bytes(trained), f"{work}/trained.faiss")
+            progress(f"training {choice.key} on {ntrain} vectors (one worker)")
+            try:
+                _run(train_graph(work, choice.key, d, n, picks), beam_run, "index train")
+            except SearchJobFailed as e:
+                text = str(e)
+                if "cannot be built on" not in text:
+                    raise
+                # The key cannot be trained on this data: the user's to fix (exit 2).
+                raise SearchError(text.split("SearchError: ", 1)[-1]
+                                  .split(" (--verbose", 1)[0]) from None
+            train_stats = json.loads(_get(f"{work}/train-stats.json"))
         _put(_npz(vectors=queries, labels=np.asarray(query_labels, np.int64)),
              f"{work}/queries.npz")
         times["train_s"] = time.perf_counter() - t
@@ -725,6 +776,7 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
                                                     max(1e-9, sum(w["seconds"] for w in added)), 1)
                 if added else None,
                 "peak_rss_bytes_by_process": _peaks(worker_stats),
+                "train": train_stats,
             },
             "size_on_disk_bytes": size,
             "estimated_index_memory_bytes": choice.estimated_bytes,

@@ -243,6 +243,9 @@ def check_trainable(key: str, n: int, d: int) -> None:
     need = int(ivf.group(1)) if ivf else 0
     if re.search(r"(^|,)(OPQ|PQ)\d+", key):
         need = max(need, 256)
+    pca = re.search(r"(^|,)PCAW?R?(\d+)", key)
+    if pca:  # a projection to m dims is estimated from at least m points
+        need = max(need, int(pca.group(2)))
     if n < need:
         raise SearchError(f"--index_key {key!r} cannot be built on {n} vectors of {d} "
                           f"dims: its training needs at least {need} vectors")
