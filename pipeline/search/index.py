@@ -15,6 +15,13 @@ Layout of DIR (default OUT/index):
     <build_id>/rows.parquet   row -> image_id, uri (faiss labels are rows)
     <build_id>/vectors.f32    float32 [rows, d], only for compressed indexes:
                               candidates are re-ranked on the exact vectors
+  and for inverted files built on Beam (pipeline/search/build.py):
+    <build_id>/lists.ivfdata  the merged inverted lists, on disk (layout merged)
+    <build_id>/shards/*.faiss the shards as added (kept to grow the index;
+                              searched as one with layout stacked)
+    <build_id>/trained.faiss  the trained, empty index (the quantizer)
+    _index.lock               held by the one run writing DIR
+    _work/<plan>/             a running (or killed) Beam build's area
 """
 from __future__ import annotations
 
