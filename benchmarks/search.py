@@ -81,6 +81,44 @@ class SyntheticVectors:
             yield ids, [""] * n, normalize(x)
 
 
+    # A parted source for the Beam build: parts of PART_ROWS rows, each
+    # regenerated on the worker that reads it (nothing but the seed is sent).
+    PART_ROWS = 65536
+
+    def parts(self):
+        return [(f"syn-{start:010d}", min(self.PART_ROWS, self.rows - start))
+                for start in range(0, self.rows, self.PART_ROWS)]
+
+    def read(self, part: str, lo: int, hi: int, batch_size: int = 8192):
+        base = int(part.rsplit("-", 1)[1])
+        first, last = (base + lo) // self.batch, (base + hi - 1) // self.batch
+        for b in range(first, last + 1):
+            ids, uris, x = self._batch(b)
+            start = b * self.batch
+            a, z = max(base + lo, start) - start, min(base + hi, start + len(ids)) - start
+            yield ids[a:z], uris[a:z], x[a:z]
+
+    def _batch(self, b: int):
+        from pipeline.search.vectors import normalize
+        start = b * self.batch
+        n = min(self.batch, self.rows - start)
+        rng = np.random.default_rng([self.seed, b])
+        sub = rng.integers(0, len(self.subtopics), n)
+        topic = sub // self.subtopics_per_topic
+        x = self.shared + self.topics[topic] + self.subtopics[sub]
+        x += rng.normal(0, 0.3, (n, self.dim)).astype(np.float32)
+        np.maximum(x, 0, out=x)
+        x += np.maximum(rng.normal(0, 1, (n, len(self.styles))), 0).astype(
+            np.float32) @ self.styles
+        return [f"img{start + i:08d}" for i in range(n)], [""] * n, normalize(x)
+
+    def __getstate__(self):
+        return {"rows": self.rows, "dim": self.dim, "seed": self.seed, "batch": self.batch}
+
+    def __setstate__(self, state):
+        self.__init__(state["rows"], state["dim"], state["seed"], batch=state["batch"])
+
+
 def stats(vectors: np.ndarray) -> dict:
     """What decides how hard search is: value spread, sparsity, and how
     close a random pair and a nearest neighbour are (cosine)."""
@@ -113,6 +151,33 @@ def one(args) -> dict:
     return result
 
 
+def beam(args) -> dict:
+    """The Beam build (pipeline/search/build.py) in this process as launcher,
+    with --workers local worker processes; its infos hold the stage times
+    and every worker's peak RSS."""
+    from pipeline.search.build import build_index_beam
+    source = SyntheticVectors(args.rows, seed=args.seed)
+    argv = (["--direct_running_mode", "in_memory"] if args.workers == 1 else
+            ["--direct_running_mode", "multi_processing", "--direct_num_workers",
+             str(args.workers)])
+    with tempfile.TemporaryDirectory(dir=args.work) as folder:
+        started = time.perf_counter()
+        infos = build_index_beam(source, folder, index_key=args.keys if args.keys != "auto"
+                                 else "auto", max_memory=int(args.max_memory),
+                                 recall_queries=args.queries, shards=args.shards,
+                                 beam_argv=argv,
+                                 progress=lambda m: print(m, file=sys.stderr, flush=True))
+        wall = time.perf_counter() - started
+    keep = ("engine", "runner", "index_key", "shards", "search_parameters", "recall_at_1",
+            "recall_at_10", "target_met", "latency_ms", "build_seconds", "workers",
+            "peak_memory_bytes", "size_on_disk_bytes", "rows")
+    result = {k: infos.get(k) for k in keep}
+    result["wall_s"] = round(wall, 1)
+    result["workers_requested"] = args.workers
+    result["load_average_after"] = os.getloadavg()
+    return result
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.search")
     parser.add_argument("--rows", type=int, default=100_000)
@@ -126,11 +191,23 @@ def main(argv=None) -> int:
     parser.add_argument("--calibrate", metavar="OUT",
                         help="print statistics of a real dataset's vectors and of "
                              "the same number of synthetic ones")
+    parser.add_argument("--beam", action="store_true",
+                        help="the Beam build: --workers local worker processes")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=None)
     args = parser.parse_args(argv)
     from pipeline.search.index import parse_size
     args.max_memory = parse_size(args.max_memory)
     if args.one:
         print(json.dumps(one(args)))
+        return 0
+    if args.beam:
+        result = beam(args)
+        print(json.dumps(result))
+        target = HERE / "results" / f"search-beam-{args.rows}-{args.workers}w.json"
+        target.parent.mkdir(exist_ok=True)
+        target.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"-> {target}", file=sys.stderr)
         return 0
     if args.calibrate:
         from pipeline.search.source import DatasetVectors

@@ -1,7 +1,9 @@
 """The search commands: thin over `pipeline.search`, one function each.
 
   mobilenet-embed index OUT [--to DIR] [--index_key auto|FACTORY] [--max_memory 8G]
-                            [--target_recall 0.95] [--rebuild]
+                            [--target_recall 0.95] [--rebuild] [--shards N]
+                            [--layout merged|stacked]
+                            [Beam flags: --runner, --direct_num_workers, --dry_run ...]
   mobilenet-embed query OUT (--image P ... | --id ID ... | --manifest FILE)
                             [--k 10] [--json] [--output DIR] [--index DIR]
   mobilenet-embed dedup OUT [--threshold T] [--to DIR] [--index DIR] [--max_pairs N]
@@ -68,14 +70,30 @@ def index_main(argv: list[str]) -> int:
                         help="recall@10 against exact search to tune for (0.95)")
     parser.add_argument("--rebuild", action="store_true",
                         help="start over instead of adding new rows to the index")
-    args = parser.parse_args(argv)
+    parser.add_argument("--shards", type=int, default=None,
+                        help="shards of an inverted-file build (default: from the "
+                             "rows and the memory per worker)")
+    parser.add_argument("--layout", choices=("merged", "stacked"), default="merged",
+                        help="merged: the shards' lists merged into one file on disk; "
+                             "stacked: no merge, the shards searched as one")
+    args, beam_argv = parser.parse_known_args(argv)
     infos = build_dataset_index(args.output, to=args.to, index_key=args.index_key,
                                 max_memory=parse_size(args.max_memory),
                                 target_recall=args.target_recall,
-                                rebuild=args.rebuild, progress=_say)
+                                rebuild=args.rebuild, progress=_say,
+                                shards=args.shards, beam_argv=beam_argv,
+                                layout=args.layout)
     where = args.to or f"{args.output.rstrip('/')}/index"
+    if infos.get("dry_run"):
+        print(f"dry run: {infos['index_key']} ({infos['engine']}"
+              f"{', %d shards on %s' % (infos['shards'], infos['runner']) if infos['engine'] == 'beam' else ''})"
+              f"; nothing was run or written")
+        return 0
+    engine = (f"{infos['engine']}, {infos['shards']} shards, {infos['runner']}"
+              if infos.get("engine") == "beam" else "in-process")
     print(f"indexed {infos['rows']} rows ({infos['rows_added']} added"
-          f"{', incremental' if infos['incremental'] else ''}) into {where}: "
+          f"{', %d removed' % infos['rows_removed'] if infos.get('rows_removed') else ''}"
+          f"{', incremental' if infos['incremental'] else ''}; {engine}) into {where}: "
           f"{infos['index_key']} {json.dumps(infos['search_parameters'])}, "
           f"recall@1 {infos['recall_at_1']:.3f}, recall@10 {infos['recall_at_10']:.3f} "
           f"(target {infos['target_recall_at_10']}), single query p50 "

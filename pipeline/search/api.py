@@ -5,6 +5,7 @@ from typing import Callable, Optional
 
 from pipeline.search.dedup import (DEFAULT_THRESHOLD, Duplicates, check_threshold,
                                    find_duplicates)
+from pipeline.search.build import build_index_beam
 from pipeline.search.errors import SearchError
 from pipeline.search.index import DEFAULT_MAX_MEMORY, LOG, SearchIndex, build_index
 from pipeline.search.query import Searcher, default_index_dir, open_search
@@ -14,11 +15,19 @@ from pipeline.search.source import DatasetVectors
 def build_dataset_index(output: str, to: Optional[str] = None, index_key: str = "auto",
                         max_memory: int = DEFAULT_MAX_MEMORY, target_recall: float = 0.95,
                         rebuild: bool = False,
-                        progress: Callable[[str], None] = LOG.info) -> dict:
+                        progress: Callable[[str], None] = LOG.info,
+                        shards: Optional[int] = None,
+                        beam_argv: Optional[list] = None,
+                        layout: str = "merged") -> dict:
+    """Index a dataset into `to` (default OUT/index): inverted files as a Beam
+    pipeline (local FnApiRunner by default; Beam's flags in `beam_argv`,
+    e.g. ["--runner", "DataflowRunner", ...] or ["--dry_run"]), Flat and
+    HNSW in this process. Returns the index_infos.json written."""
     dataset = DatasetVectors(output)
-    return build_index(dataset, to or default_index_dir(dataset), index_key=index_key,
-                       max_memory=max_memory, target_recall=target_recall,
-                       rebuild=rebuild, progress=progress)
+    return build_index_beam(dataset, to or default_index_dir(dataset), index_key=index_key,
+                            max_memory=max_memory, target_recall=target_recall,
+                            rebuild=rebuild, shards=shards, beam_argv=beam_argv,
+                            layout=layout, progress=progress)
 
 
 def _digests(dataset: DatasetVectors):

@@ -15,9 +15,17 @@ Layout of DIR (default OUT/index):
     <build_id>/rows.parquet   row -> image_id, uri (faiss labels are rows)
     <build_id>/vectors.f32    float32 [rows, d], only for compressed indexes:
                               candidates are re-ranked on the exact vectors
+  and for inverted files built on Beam (pipeline/search/build.py):
+    <build_id>/lists.ivfdata  the merged inverted lists, on disk (layout merged)
+    <build_id>/shards/*.faiss the shards as added (kept to grow the index;
+                              searched as one with layout stacked)
+    <build_id>/trained.faiss  the trained, empty index (the quantizer)
+    _index.lock               held by the one run writing DIR
+    _work/<plan>/             a running (or killed) Beam build's area
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -184,13 +192,82 @@ def _is_compressed(key: str) -> bool:
 
 
 def _checked_key(key: str, d: int) -> faiss.Index:
+    if re.search(r"(^|,)IDMap", key):
+        raise SearchError(f"--index_key {key!r}: IDMap is not needed and not "
+                          "supported (the index numbers its rows itself)")
     try:
-        return faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(d, key, faiss.METRIC_INNER_PRODUCT)
     except Exception as e:  # faiss raises RuntimeError with a C++ trace
-        first = str(e).strip().splitlines()
         raise SearchError(f"--index_key {key!r} is not a faiss index factory "
-                          f"string for {d} dims ({first[-1][:200] if first else type(e).__name__})"
-                          ) from None
+                          f"string for {d} dims ({_first_line(e)})") from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None and ivf.nlist < 1:
+        raise SearchError(f"--index_key {key!r}: an inverted file needs at least one list")
+    return index
+
+
+@contextlib.contextmanager
+def faiss_quiet():
+    """faiss's on-disk inverted lists print progress with printf (to fd 1):
+    kept off stdout, which carries the commands' JSON."""
+    import sys
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def read_faiss(path: str) -> faiss.Index:
+    """An index file; a Beam build's inverted lists (lists.ivfdata) are
+    found next to it wherever the folder was copied to."""
+    with faiss_quiet():
+        return faiss.read_index(path, faiss.IO_FLAG_ONDISK_SAME_DIR)
+
+
+def _first_line(e: BaseException) -> str:
+    """faiss's errors carry a C++ location first; the reason is the last line."""
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else type(e).__name__
+    text = re.sub(r"^Error in .*? at \S+: ", "", text)
+    return re.sub(r"^Error: '.*?' failed: ", "", text)[:200]
+
+
+def check_trainable(key: str, n: int, d: int) -> None:
+    """k-means needs at least as many points as centroids: inverted lists
+    (nlist) and product quantizers (256 per sub-quantizer). Said before
+    minutes of training find it out."""
+    ivf = re.search(r"IVF(\d+)", key)
+    need = int(ivf.group(1)) if ivf else 0
+    if re.search(r"(^|,)(OPQ|PQ)\d+", key):
+        need = max(need, 256)
+    pca = re.search(r"(^|,)PCAW?R?(\d+)", key)
+    if pca:  # a projection to m dims is estimated from at least m points
+        need = max(need, int(pca.group(2)))
+    if n < need:
+        raise SearchError(f"--index_key {key!r} cannot be built on {n} vectors of {d} "
+                          f"dims: its training needs at least {need} vectors")
+
+
+@contextlib.contextmanager
+def unbuildable(key: str, n: int, d: int):
+    """A faiss error while training or adding: the key cannot be built on
+    this data (too few training points, a projection larger than the
+    input...): one SearchError."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise SearchError(f"--index_key {key!r} cannot be built on {n} vectors of "
+                          f"{d} dims: {_first_line(e)}") from None
 
 
 # --- the opened index ------------------------------------------------------------
@@ -236,7 +313,12 @@ class SearchIndex:
                               "build one with `mobilenet-embed index OUT`")
         files = os.path.join(local, infos["files"])
         try:
-            index = faiss.read_index(os.path.join(files, "index.faiss"))
+            if infos.get("layout") == "stacked":
+                from pipeline.search.build import open_stacked
+                index = open_stacked(os.path.join(files, "index.faiss"),
+                                     infos.get("stacked_shards") or [])
+            else:
+                index = read_faiss(os.path.join(files, "index.faiss"))
             rows = pq.read_table(os.path.join(files, "rows.parquet"))
         except Exception as e:  # pylint: disable=broad-except
             raise SearchError(f"the index in {folder} cannot be read "
@@ -372,7 +454,14 @@ def _local_folder(folder: str) -> str:
     _copy_uri(infos_uri, os.path.join(local, INDEX_INFOS))
     infos = read_infos(local)
     os.makedirs(os.path.join(local, infos["files"]))
-    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/*"])[0].metadata_list:
+    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/**"])[0].metadata_list:
+        if "/shards/" in m.path and infos.get("layout") != "stacked":
+            continue  # a merged Beam build's shards: only for growing it
+        if "/shards/" in m.path:
+            os.makedirs(os.path.join(local, infos["files"], "shards"), exist_ok=True)
+            _copy_uri(m.path, os.path.join(local, infos["files"], "shards",
+                                           m.path.rsplit("/", 1)[-1]))
+            continue
         _copy_uri(m.path, os.path.join(local, infos["files"], m.path.rsplit("/", 1)[-1]))
     _DOWNLOADED[folder] = local
     return local
@@ -386,6 +475,112 @@ def _copy_uri(source: str, target: str) -> None:
     else:
         with FileSystems.open(source) as src, open(target, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 24)
+
+
+
+# --- the index folder: one writer, checked, nothing half-made ---------------------
+
+LOCK = "_index.lock"
+
+
+def check_target(to: str) -> bool:
+    """A folder an index can be written to; True when this call created it.
+    A file, a path under a file or a place that cannot be written is one
+    SearchError naming `to`."""
+    if _is_remote(to):
+        return False
+    if os.path.exists(to) and not os.path.isdir(to):
+        raise SearchError(f"--to {to} is a file, not a folder")
+    parent = os.path.dirname(os.path.abspath(to))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise SearchError(f"--to {to} is under {parent}, which is a file")
+    created = not os.path.exists(to)
+    try:
+        os.makedirs(to, exist_ok=True)
+        probe = os.path.join(to, f".write-test-{uuid.uuid4().hex[:8]}")
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        if created:
+            shutil.rmtree(to, ignore_errors=True)
+        raise SearchError(f"cannot write the index to {to}: "
+                          f"{e.strerror or type(e).__name__}") from None
+    return created
+
+
+@contextlib.contextmanager
+def locked_target(to: str, progress: Callable[[str], None] = LOG.info):
+    """One writer per index folder (`<to>/_index.lock`, the dataset's lock
+    semantics: a second run is refused, a dead run's lock taken over).
+    Build folders no committed index names (a killed run's) are removed.
+    A folder this run created is removed again if the run fails."""
+    from transforms.dataset import DatasetError, FolderLock
+    created = check_target(to)
+    lock = FolderLock(_join(to, LOCK), to)
+    run_id = uuid.uuid4().hex
+    try:
+        lock.acquire(run_id)
+    except DatasetError as e:
+        if created:
+            shutil.rmtree(to, ignore_errors=True)
+        raise SearchError(str(e)) from None
+    done = False
+    try:
+        _remove_orphans(to, progress)
+        yield
+        done = True
+    finally:
+        lock.release(run_id)
+        if not done and created and read_infos_or_none(to) is None:
+            shutil.rmtree(to, ignore_errors=True)
+
+
+def _join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}" if _is_remote(folder) else os.path.join(folder, name)
+
+
+def read_infos_or_none(to: str, progress: Optional[Callable[[str], None]] = None
+                       ) -> Optional[dict]:
+    """The committed infos of `to`, or None where there are none or they
+    cannot be read (then the index is built again, said through progress)."""
+    try:
+        if _is_remote(to):
+            from apache_beam.io.filesystems import FileSystems
+            uri = _join(to, INDEX_INFOS)
+            if not FileSystems.exists(uri):
+                return None
+            with FileSystems.open(uri) as f:
+                infos = json.loads(f.read().decode("utf-8"))
+            infos["files"]  # pylint: disable=pointless-statement
+            return infos
+        return read_infos(to)
+    except (SearchError, OSError, ValueError, KeyError, TypeError) as e:
+        if progress:
+            progress(f"the index in {to} cannot be read ({str(e)[:120]}): "
+                     "building it again")
+        return None
+
+
+def _remove_orphans(to: str, progress: Callable[[str], None]) -> None:
+    """Build folders that no committed index_infos.json names: left by a
+    run that was killed. Only called under the folder's lock."""
+    infos = read_infos_or_none(to)
+    keep = infos["files"] if infos else None
+    if _is_remote(to):
+        from apache_beam.io.filesystems import FileSystems
+        base = to.rstrip("/")
+        stale = [m.path for m in FileSystems.match([f"{base}/build-*/**"])[0].metadata_list
+                 if keep is None or f"/{keep}/" not in m.path]
+        if stale:
+            FileSystems.delete(stale)
+        return
+    for name in os.listdir(to):
+        if name.startswith("build-") and name != keep:
+            progress(f"removing {name}, a build no index names (a run that ended early)")
+            shutil.rmtree(os.path.join(to, name), ignore_errors=True)
 
 
 # --- building --------------------------------------------------------------------
@@ -403,6 +598,17 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
     """
     if not 0 < target_recall <= 1:
         raise SearchError(f"--target_recall must be in (0, 1], got {target_recall}")
+    if index_key != "auto":
+        _checked_key(index_key, source.dim)
+    with locked_target(to, progress):
+        return _build_in_process(source, to, index_key, max_memory, target_recall,
+                                 rebuild, recall_queries, batch_size, seed, progress)
+
+
+def _build_in_process(source: VectorSource, to: str, index_key: str, max_memory: int,
+                      target_recall: float, rebuild: bool, recall_queries: int,
+                      batch_size: int, seed: int, progress: Callable[[str], None]) -> dict:
+    """build_index's work, in this process, under the folder's lock."""
     started = time.perf_counter()
     times: dict[str, float] = {}
     n, d = source.num_rows(), source.dim
@@ -412,7 +618,7 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
     remote = _is_remote(to)
     work = tempfile.mkdtemp(prefix="mobilenet-embed-index-") if remote else to
     os.makedirs(work, exist_ok=True)
-    existing = None if rebuild else read_infos(_local_folder(to) if remote and _exists_remote(to) else work)
+    existing = None if rebuild else read_infos_or_none(to, progress)
     if existing is not None and existing.get("identity") != identity:
         raise SearchError(
             f"the index in {to} was built from other vectors "
@@ -428,13 +634,24 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
         _checked_key(index_key, d)
         choice = Choice(index_key, _is_compressed(index_key), "--index_key",
                         estimate_bytes(index_key, n, d))
-    incremental = existing is not None and existing["index_key"] == choice.key
+    incremental = (existing is not None and existing["index_key"] == choice.key
+                   and existing.get("engine", "in-process") == "in-process")
     old_rows: dict[str, int] = {}
+    old_index = None
     if incremental:
-        old_files = os.path.join(_local_folder(to) if remote else work, existing["files"])
-        old_ids = pq.read_table(os.path.join(old_files, "rows.parquet"),
-                                columns=["image_id"]).column("image_id").to_pylist()
-        old_rows = {v: i for i, v in enumerate(old_ids)}
+        try:
+            old_files = os.path.join(_local_folder(to) if remote else work, existing["files"])
+            old_index = faiss.read_index(os.path.join(old_files, "index.faiss"))
+            old_ids = pq.read_table(os.path.join(old_files, "rows.parquet"),
+                                    columns=["image_id"]).column("image_id").to_pylist()
+            if len(old_ids) != old_index.ntotal or (choice.rerank and os.path.getsize(
+                    os.path.join(old_files, "vectors.f32")) != 4 * d * len(old_ids)):
+                raise ValueError("its files disagree on the number of rows")
+            old_rows = {v: i for i, v in enumerate(old_ids)}
+        except Exception as e:  # pylint: disable=broad-except
+            progress(f"the index in {to} cannot be read ({_first_line(e)}): "
+                     "building it again")
+            incremental, old_rows, old_index = False, {}, None
 
     # Pass 1: the training sample and the recall queries (rows drawn at random).
     t = time.perf_counter()
@@ -444,6 +661,7 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
     template = _checked_key(choice.key, d)
     ntrain = 0
     if not template.is_trained and not incremental:
+        check_trainable(choice.key, n, d)
         ntrain = min(n, _training_points(choice.key, n))
     train_pos = np.sort(rng.choice(n, ntrain, replace=False)) if ntrain else np.empty(0, np.int64)
     queries = np.empty((num_queries, d), np.float32)
@@ -483,12 +701,13 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
         t = time.perf_counter()
         if incremental:
             progress(f"adding to the existing {choice.key} index of {len(old_rows)} rows")
-            index = faiss.read_index(os.path.join(old_files, "index.faiss"))
+            index = old_index
         else:
             index = template
             if ntrain:
                 progress(f"training {choice.key} on {ntrain} vectors")
-                index.train(train)
+                with unbuildable(choice.key, n, d):
+                    index.train(train)
         del train
         times["train_s"] = time.perf_counter() - t
 
@@ -524,7 +743,8 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
                     query_rows[q] = rows[j]
             if new.any():
                 fresh = np.ascontiguousarray(vecs[new])
-                index.add(fresh)
+                with unbuildable(choice.key, n, d):
+                    index.add(fresh)
                 if vectors_file:
                     out_vectors.write(fresh.tobytes())
                 new_ids.extend(i for i, f in zip(ids, new) if f)
@@ -566,6 +786,9 @@ def build_index(source: VectorSource, to: str, index_key: str = "auto",
         infos = {
             "format_version": FORMAT_VERSION,
             "files": build_id,
+            "engine": "in-process",
+            "runner": None,
+            "shards": 1,
             "index_key": choice.key,
             "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
             "metric": METRIC,
@@ -622,10 +845,13 @@ def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
     if _is_remote(to):
         from apache_beam.io.filesystems import FileSystems
         base = to.rstrip("/")
-        for name in os.listdir(os.path.join(work, build_id)):
-            _copy_uri(os.path.join(work, build_id, name), f"{base}/{build_id}/{name}")
+        top = os.path.join(work, build_id)
+        for root, _, names in os.walk(top):
+            for name in names:
+                rel = os.path.relpath(os.path.join(root, name), top).replace(os.sep, "/")
+                _copy_uri(os.path.join(root, name), f"{base}/{build_id}/{rel}")
         _copy_uri(os.path.join(work, build_id, INDEX_INFOS), f"{base}/{INDEX_INFOS}")
-        old = [m.path for m in FileSystems.match([f"{base}/build-*/*"])[0].metadata_list
+        old = [m.path for m in FileSystems.match([f"{base}/build-*/**"])[0].metadata_list
                if f"/{build_id}/" not in m.path]
         if old:
             FileSystems.delete(old)

@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.search.errors import SearchError
 from pipeline.search.vectors import Batch, normalize
@@ -48,6 +49,46 @@ class DatasetVectors:
                                                batch_size=batch_size):
             yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
                    normalize(fixed_list_to_numpy(batch.column(2))))
+
+    # --- a parted source (pipeline/search/build.py): workers read parts ---
+
+    def __getstate__(self):
+        return {"root": self.root}
+
+    def __setstate__(self, state):
+        self.__init__(state["root"])
+
+    def parts(self) -> list[tuple[str, int]]:
+        """(part, rows) of every embeddings part: footers only."""
+        from apache_beam.io.filesystems import FileSystems
+        found = []
+        prefix = self.root.rstrip("/") + "/"
+        for path in self.dataset.parts():
+            with FileSystems.open(path) as f:
+                rows = pq.ParquetFile(f).metadata.num_rows
+            found.append((path[len(prefix):] if path.startswith(prefix) else path, rows))
+        return found
+
+    def read(self, part: str, lo: int, hi: int, batch_size: int = 8192) -> Iterator[Batch]:
+        """Rows lo..hi of one part, reading only the row groups they are in."""
+        from apache_beam.io.filesystems import FileSystems
+        path = part if "://" in part or part.startswith("/") else \
+            self.root.rstrip("/") + "/" + part
+        columns = ["image_id", "uri", "feature_vector"]
+        with FileSystems.open(path) as f:
+            pf = pq.ParquetFile(f)
+            start = 0
+            for g in range(pf.num_row_groups):
+                rows = pf.metadata.row_group(g).num_rows
+                a, b = max(lo, start), min(hi, start + rows)
+                if a < b:
+                    table = pf.read_row_group(g, columns=columns).slice(a - start, b - a)
+                    for batch in table.to_batches(max_chunksize=batch_size):
+                        yield (batch.column(0).to_pylist(), batch.column(1).to_pylist(),
+                               normalize(fixed_list_to_numpy(batch.column(2))))
+                start += rows
+                if start >= hi:
+                    break
 
     def iter_columns(self, columns: list[str], batch_size: int = 8192
                      ) -> Iterator[pa.RecordBatch]:

@@ -49,6 +49,7 @@ class ArrayVectors:
     image_ids: Optional[Sequence[str]] = None
     uris: Optional[Sequence[str]] = None
     made_by: Optional[dict] = None  # identity; defaults to "arrays, dim d"
+    part_rows: int = 4096  # rows per part, as a parted source (Beam builds)
 
     def __post_init__(self):
         self.vectors = np.asarray(self.vectors, dtype=np.float32)
@@ -75,5 +76,17 @@ class ArrayVectors:
     def batches(self, batch_size: int = 8192) -> Iterator[Batch]:
         for start in range(0, len(self.vectors), batch_size):
             stop = start + batch_size
+            yield (list(self.image_ids[start:stop]), list(self.uris[start:stop]),
+                   normalize(self.vectors[start:stop]))
+
+    def parts(self) -> list[tuple[str, int]]:
+        n = len(self.vectors)
+        return [(f"rows-{start:010d}", min(self.part_rows, n - start))
+                for start in range(0, n, self.part_rows)]
+
+    def read(self, part: str, lo: int, hi: int, batch_size: int = 8192) -> Iterator[Batch]:
+        base = int(part.rsplit("-", 1)[1])
+        for start in range(base + lo, base + hi, batch_size):
+            stop = min(start + batch_size, base + hi)
             yield (list(self.image_ids[start:stop]), list(self.uris[start:stop]),
                    normalize(self.vectors[start:stop]))
