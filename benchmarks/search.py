@@ -170,7 +170,7 @@ def beam(args) -> dict:
         wall = time.perf_counter() - started
     keep = ("engine", "runner", "index_key", "shards", "search_parameters", "recall_at_1",
             "recall_at_10", "target_met", "latency_ms", "build_seconds", "workers",
-            "peak_memory_bytes", "size_on_disk_bytes", "rows")
+            "peak_memory_bytes", "peak_anonymous_memory_bytes", "size_on_disk_bytes", "rows")
     result = {k: infos.get(k) for k in keep}
     result["wall_s"] = round(wall, 1)
     result["workers_requested"] = args.workers

@@ -421,3 +421,25 @@ def test_query_preprocessing_is_rebuilt_from_the_record():
     record["formats"] = ["JPEG"]  # made by a version that decoded otherwise
     with pytest.raises(SearchError, match="formats"):
         preprocess_settings(record)
+
+
+def test_query_images_are_embedded_a_batch_at_a_time_in_order(dataset, capsys, monkeypatch):
+    # Batches of 2 over 5 queries with broken images in two different batches:
+    # every good image still finds itself, every broken one is its own error.
+    import pipeline.search.source as source
+    monkeypatch.setattr(source, "QUERY_BATCH", 2)
+    root, out = dataset
+    broken = root / "broken2.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    photos = [root / "photos" / name for name in ("chelsea.png", "coins.png", "horse.png")]
+    queries = [photos[0], broken, photos[1], broken, photos[2]]
+    capsys.readouterr()
+    code = query_main([str(out), "--image", *map(str, queries), "--k", "1", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert code == 2 and len(lines) == 5
+    for query, line in zip(queries, lines):
+        if query == broken:
+            assert "error" in line
+        else:
+            assert line["neighbors"][0]["image_id"].endswith(query.name)
+            assert line["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)

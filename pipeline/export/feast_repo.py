@@ -13,12 +13,11 @@ The view's tags record the model the vectors came from.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, check_local_target
 from transforms.dataset import Dataset, DatasetError, write_file_atomically
 from transforms.uris import is_local, join
 
@@ -102,15 +101,7 @@ def write_repo(output: str, to: str, project: str = "mobilenet_embed",
     if not is_local(to):
         raise SearchError(f"--to {to}: a Feast repository is a local folder")
     to = os.path.abspath(os.path.expanduser(to))
-    if os.path.exists(to) and not os.path.isdir(to):
-        raise SearchError(f"--to {to} is a file, not a folder")
-    above = to
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise SearchError(f"--to {to} lies under {above}, which is a file")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise SearchError(f"--to {to}: cannot write in {above} (permission denied)")
+    check_local_target(to)
     clash = [n for n in FILES if os.path.exists(os.path.join(to, n))
              and not _is_ours(os.path.join(to, n))]
     if clash and not overwrite:

@@ -21,7 +21,6 @@ from typing import Callable, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 

@@ -26,7 +26,7 @@ from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, check_local_target
 from transforms.dataset import DatasetError, FolderLock, write_file_atomically
 from transforms.sinks.records import IDENTITY_KEYS, identity_differences
 from transforms.uris import is_local, join, redact
@@ -110,20 +110,8 @@ def check_writable(target: Target) -> None:
     where a folder goes (or the reverse), a path under a file, no permission."""
     if not target.local:
         return
-    to = target.to
-    if target.kind == "milvus-lite":  # a file (Milvus Lite 2) or a folder (3)
-        parent = os.path.dirname(to)
-    else:
-        if os.path.exists(to) and not os.path.isdir(to):
-            raise SearchError(f"--to {to} is a file, not a folder")
-        parent = to
-    above = parent
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise SearchError(f"--to {to} lies under {above}, which is a file")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise SearchError(f"--to {to}: cannot write in {above} (permission denied)")
+    # Milvus Lite: a file (Milvus Lite 2) or a folder (3); the rest: folders.
+    check_local_target(target.to, is_file=None if target.kind == "milvus-lite" else False)
 
 
 def lock(target: Target) -> Optional[FolderLock]:

@@ -56,7 +56,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.search.beam import BeamRun, run_pipeline
 from pipeline.search.dedup import (CLUSTERS_SCHEMA, DEFAULT_THRESHOLD, PAIRS_SCHEMA,
                                    START_K, check_threshold)
-from pipeline.search.errors import SearchError, SearchJobFailed
+from pipeline.search.errors import SearchError, SearchJobFailed, check_local_target
 from pipeline.search.files import join, write_json
 from transforms.uris import is_local, redact
 
@@ -618,16 +618,7 @@ def check_target(to: str) -> None:
     """A local --to that is a file, or under one, is refused before any work."""
     if not is_local(to):
         return
-    path = os.path.abspath(to)
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SearchError(f"--to {to} is a file, not a folder")
-    parent = os.path.dirname(path)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):
-        raise SearchError(f"--to {to} is under a file ({parent})")
-    if parent and not os.access(parent, os.W_OK | os.X_OK):
-        raise SearchError(f"--to {to} cannot be written (no permission in {parent})")
+    check_local_target(to)
 
 
 def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,

@@ -11,7 +11,7 @@ import io
 from typing import Optional, Sequence
 from urllib.parse import quote
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, check_local_target
 from pipeline.search.files import join, write_bytes
 from pipeline.search.query import QueryResult, check_k, open_search
 
@@ -213,16 +213,7 @@ def check_target(to: str, overwrite: bool = False) -> None:
         raise SearchError(f"--to must name an HTML file, got {to!r}")
     if not is_local(to):
         return  # object stores: an object appears whole, nothing to clobber by type
-    if os.path.isdir(to):
-        raise SearchError(f"--to {to} is a folder; name the HTML file to write")
-    parent = os.path.dirname(os.path.abspath(to))
-    above = parent
-    while not os.path.exists(above):
-        above = os.path.dirname(above)
-    if not os.path.isdir(above):
-        raise SearchError(f"--to {to} lies under {above}, which is a file")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise SearchError(f"--to {to}: cannot write in {above}")
+    check_local_target(to, is_file=True)
     if os.path.exists(to) and not overwrite:
         try:
             with open(to, "rb") as f:

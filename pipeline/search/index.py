@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.search.errors import SearchError
+from pipeline.search.errors import SearchError, check_local_target
 from pipeline.search.vectors import VectorSource, normalize
 from transforms.uris import is_local
 
@@ -489,13 +489,7 @@ def check_target(to: str) -> bool:
     SearchError naming `to`."""
     if _is_remote(to):
         return False
-    if os.path.exists(to) and not os.path.isdir(to):
-        raise SearchError(f"--to {to} is a file, not a folder")
-    parent = os.path.dirname(os.path.abspath(to))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise SearchError(f"--to {to} is under {parent}, which is a file")
+    check_local_target(to)
     created = not os.path.exists(to)
     try:
         os.makedirs(to, exist_ok=True)

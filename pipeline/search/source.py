@@ -26,6 +26,9 @@ def fixed_list_to_numpy(column) -> np.ndarray:
         np.float32, copy=False).reshape(len(column), size)
 
 
+QUERY_BATCH = 16  # images per model call when embedding query images
+
+
 class DatasetVectors:
     """A dataset's feature vectors as a `VectorSource`, plus row look-ups."""
 
@@ -214,18 +217,22 @@ class QueryEmbedder:
         """(vectors [n, d] normalized, errors): a row per uri; an image that
         cannot be read or decoded gets a zero row and its error message."""
         from transforms.decode import ImageError, decode_and_resize, read_bytes
-        pixels, errors = [], []
-        for uri in uris:
-            try:
-                data = read_bytes(uri, self.limits.max_bytes)
-                pixels.append(decode_and_resize(data, self.settings, self.limits)[0])
-                errors.append(None)
-            except ImageError as e:
-                pixels.append(None)
-                errors.append(f"{uri}: {e}")
-        good = [p for p in pixels if p is not None]
         vectors = np.zeros((len(uris), self.model.feature_dim), np.float32)
-        if good:
-            _, features = self.model.predict(np.stack(good))
-            vectors[[i for i, p in enumerate(pixels) if p is not None]] = normalize(features)
+        errors: list[Optional[str]] = []
+        # A batch at a time: a manifest of many query images never holds all
+        # their pixels, and the model never sees one huge batch (200 images
+        # in one call of the 1.4_224 model took 18 GB).
+        for start in range(0, len(uris), QUERY_BATCH):
+            rows, pixels = [], []
+            for i, uri in enumerate(uris[start:start + QUERY_BATCH], start):
+                try:
+                    data = read_bytes(uri, self.limits.max_bytes)
+                    pixels.append(decode_and_resize(data, self.settings, self.limits)[0])
+                    rows.append(i)
+                    errors.append(None)
+                except ImageError as e:
+                    errors.append(f"{uri}: {e}")
+            if pixels:
+                _, features = self.model.predict(np.stack(pixels))
+                vectors[rows] = normalize(features)
         return vectors, errors

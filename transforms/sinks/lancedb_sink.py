@@ -18,8 +18,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from transforms.sinks.records import (VectorRecord, identity_differences,
-                                      identity_json)
+from transforms.sinks.records import (identity_differences, identity_json)
 
 LOG = logging.getLogger(__name__)
 META_IDENTITY = b"mobilenet_embed.identity"
