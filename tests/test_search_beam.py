@@ -227,6 +227,8 @@ def test_index_command_builds_on_beam_and_query_json_stays_clean(dataset, tmp_pa
     assert "beam, 2 shards" in capsys.readouterr().out
     infos = json.loads((to / INDEX_INFOS).read_text())
     assert infos["engine"] == "beam" and infos["runner"].startswith("FnApiRunner")
+    # The launcher's memory: peak RSS and, within it, what is not mapped files.
+    assert 0 < infos["peak_anonymous_memory_bytes"] <= infos["peak_memory_bytes"]
     ids_ = SearchIndex.open(str(to)).image_ids.to_pylist()
     assert query_main([str(dataset), "--index", str(to), "--id", ids_[0], "--k", "1",
                        "--json"]) == 0
