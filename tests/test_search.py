@@ -443,3 +443,25 @@ def test_query_images_are_embedded_a_batch_at_a_time_in_order(dataset, capsys, m
         else:
             assert line["neighbors"][0]["image_id"].endswith(query.name)
             assert line["neighbors"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_dedup_searches_harder_than_the_tuned_queries(tmp_path):
+    # A pair the index misses is a duplicate left in: dedup multiplies the
+    # tuned nprobe / efSearch (nprobe never past the number of lists).
+    from pipeline.search.dedup_beam import SEARCH_EFFORT
+    data = unit(clustered(3000, d=32))
+    for key, name in (("IVF16,Flat", "nprobe"), ("HNSW16,Flat", "efSearch")):
+        to = str(tmp_path / name)
+        build_index(ArrayVectors(data), to, index_key=key, progress=quiet)
+        index = SearchIndex.open(to)
+        tuned = int(index.params[name])
+        params = index.search_harder(SEARCH_EFFORT)
+        expected = tuned * SEARCH_EFFORT
+        if name == "nprobe":
+            expected = min(16, expected)
+        assert params[name] == expected and SEARCH_EFFORT > 1
+        import faiss
+        if name == "nprobe":
+            assert faiss.extract_index_ivf(index.index).nprobe == expected
+        else:
+            assert faiss.downcast_index(index.index).hnsw.efSearch == expected

@@ -50,6 +50,8 @@ def find_dataset_duplicates(output: str, threshold: float = DEFAULT_THRESHOLD,
     searcher: Searcher = open_search(output, index_dir)
     if searcher.stale:
         raise SearchError(searcher.stale)
+    from pipeline.search.dedup_beam import SEARCH_EFFORT
+    searcher.index.search_harder(SEARCH_EFFORT)
     return find_duplicates(searcher.index, searcher.dataset, _digests(searcher.dataset),
                            threshold, max_pairs or default_max_pairs(DEFAULT_MAX_MEMORY))
 

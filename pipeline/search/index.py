@@ -338,6 +338,24 @@ class SearchIndex:
             else:
                 space.set_index_parameter(self.index, name, value)
 
+    def search_harder(self, factor: int) -> dict:
+        """Multiply the tuned search effort (nprobe, capped at the number of
+        lists; efSearch; re-ranked candidates) by `factor`: for a pass that
+        must miss less than queries tuned to --target_recall do (dedup).
+        Returns the parameters now in force."""
+        params = dict(self.params)
+        if "nprobe" in params:
+            ivf = faiss.try_extract_index_ivf(self.index)
+            limit = ivf.nlist if ivf is not None else int(params["nprobe"]) * factor
+            params["nprobe"] = min(limit, int(params["nprobe"]) * factor)
+        if "efSearch" in params:
+            params["efSearch"] = int(params["efSearch"]) * factor
+        if self.rerank_vectors is not None:
+            params["candidates_per_k"] = max(1, self.candidates_per_k) * factor
+        self.params = params
+        self._apply(params)
+        return params
+
     def search_rows(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, rows), each [n, k']: k' = min(k, rows in the index);
         rows are -1 where fewer were found (an IVF probing empty lists)."""
