@@ -66,20 +66,8 @@ class SyntheticVectors:
         return self.rows
 
     def batches(self, batch_size: int = 8192):
-        from pipeline.search.vectors import normalize
-        for b, start in enumerate(range(0, self.rows, self.batch)):
-            n = min(self.batch, self.rows - start)
-            rng = np.random.default_rng([self.seed, b])
-            sub = rng.integers(0, len(self.subtopics), n)
-            topic = sub // self.subtopics_per_topic
-            x = self.shared + self.topics[topic] + self.subtopics[sub]
-            x += rng.normal(0, 0.3, (n, self.dim)).astype(np.float32)
-            np.maximum(x, 0, out=x)
-            x += np.maximum(rng.normal(0, 1, (n, len(self.styles))), 0).astype(
-                np.float32) @ self.styles
-            ids = [f"img{start + i:08d}" for i in range(n)]
-            yield ids, [""] * n, normalize(x)
-
+        for b in range((self.rows + self.batch - 1) // self.batch):
+            yield self._batch(b)
 
     # A parted source for the Beam build: parts of PART_ROWS rows, each
     # regenerated on the worker that reads it (nothing but the seed is sent).

@@ -80,3 +80,18 @@ def hide_native_noise() -> None:
                            errors="backslashreplace")
     _installed = _StderrFilter(read_fd, real_fd)
     _installed.start()
+
+
+def root_cause(error: BaseException) -> str:
+    """One line: the innermost error Beam wrapped, redacted."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    text = lines[-1] if lines else ""
+    from transforms.uris import redact_text
+    return redact_text(f"{type(error).__name__}: {text}"[:400])

@@ -32,6 +32,7 @@ from apache_beam.options.pipeline_options import (DirectOptions,
 
 import pipeline
 from pipeline import calibration
+from pipeline.console import root_cause
 from pipeline.options import EmbedOptions
 from schemas import METRICS_NAMESPACE, DatasetMetadata, ModelInfo
 from transforms import listing
@@ -525,7 +526,7 @@ def _execute(plan_: Plan) -> int:
         LOG.debug("the job failed", exc_info=True)
         LOG.error("the job failed: %s (whole files already written are kept; "
                   "a re-run resumes from them; --verbose for the traceback)",
-                  _root_cause(e))
+                  root_cause(e))
         return 3
     finally:
         if monitor:
@@ -554,18 +555,3 @@ def _execute(plan_: Plan) -> int:
                   100 * plan_.embed.max_failure_rate, plan_.dataset.shown)
         return 1
     return 0
-
-
-def _root_cause(error: BaseException) -> str:
-    """One line: the innermost error Beam wrapped, redacted."""
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = error.__cause__ or error.__context__
-        if inner is None:
-            break
-        error = inner
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    from transforms.uris import redact_text
-    return redact_text(f"{type(error).__name__}: {text}"[:400])

@@ -253,31 +253,24 @@ def read_bytes(uri: str, max_bytes: int) -> bytes:
     """
     shown = redact(uri)
     if "://" not in uri:
-        # A local path: read directly, not through Beam's filesystem layer
+        # A local path: opened directly, not through Beam's filesystem layer
         # (measured 0.09 -> 0.02 ms a file, 4% of a 224 decode); the same
         # checks and the same errors.
+        local, opener = True, lambda: open(uri, "rb")
+    else:
         try:
-            _check_local_file(uri, max_bytes, shown)
-            with open(uri, "rb") as f:
-                data = _read_at_most(f, max_bytes + 1)
-        except ImageError:
-            raise
-        except Exception as e:
-            raise _read_error(e, shown) from None
-        if len(data) > max_bytes:
-            raise ImageError("read", "FileTooLarge",
-                             f"{shown} is larger than the limit of {max_bytes} bytes")
-        return data
-    try:
-        filesystem = FileSystems.get_filesystem(uri)
-    except Exception as e:  # Beam raises ValueError for an unknown scheme
-        raise ImageError("read", "ReadError",
-                         f"no filesystem for {shown}: {_clean_message(e)}") from None
-    try:
-        if isinstance(filesystem, LocalFileSystem):
-            _check_local_file(uri, max_bytes, shown)
+            filesystem = FileSystems.get_filesystem(uri)
+        except Exception as e:  # Beam raises ValueError for an unknown scheme
+            raise ImageError("read", "ReadError",
+                             f"no filesystem for {shown}: {_clean_message(e)}") from None
+        local = isinstance(filesystem, LocalFileSystem)
         # UNCOMPRESSED: the default (AUTO) would gunzip a file named *.gz.
-        with filesystem.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        opener = lambda: filesystem.open(  # noqa: E731
+            uri, compression_type=CompressionTypes.UNCOMPRESSED)
+    try:
+        if local:
+            _check_local_file(uri, max_bytes, shown)
+        with opener() as f:
             data = _read_at_most(f, max_bytes + 1)
     except ImageError:
         raise

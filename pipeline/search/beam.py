@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import (DirectOptions,
                                                   StandardOptions,
                                                   TestOptions)
 
+from pipeline.console import root_cause
 from pipeline.search.errors import SearchError, SearchJobFailed
 
 LOG = logging.getLogger("mobilenet_embed.search")
@@ -132,18 +133,3 @@ def run_pipeline(build: Callable[[beam.Pipeline], None], beam_run: BeamRun,
         raise SearchJobFailed(f"the {what} pipeline failed: {root_cause(e)} "
                               "(--verbose for the traceback)") from None
     return True
-
-
-def root_cause(error: BaseException) -> str:
-    """One line: the innermost error Beam wrapped, redacted."""
-    from transforms.uris import redact_text
-    seen = set()
-    while id(error) not in seen:
-        seen.add(id(error))
-        inner = error.__cause__ or error.__context__
-        if inner is None:
-            break
-        error = inner
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    text = lines[-1] if lines else ""
-    return redact_text(f"{type(error).__name__}: {text}"[:400])

@@ -52,12 +52,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.search.errors import SearchError, SearchJobFailed
-from pipeline.search.index import (DEFAULT_MAX_MEMORY, FORMAT_VERSION, GIB, INDEX_INFOS,
-                                   LOG, METRIC, RECALL_K, RECALL_QUERIES, Choice,
+from pipeline.search.index import (DEFAULT_MAX_MEMORY, GIB, INDEX_INFOS,
+                                   LOG, RECALL_K, RECALL_QUERIES, Choice,
                                    RowReader, SearchIndex, _candidates_per_k,
                                    _checked_key, _family, _identity_differences,
                                    _is_compressed, _is_remote, _join, _latency, _tune,
-                                   _training_points, _build_in_process, choose_index,
+                                   _training_points, _build_in_process, build_infos,
+                                   choose_index,
                                    faiss_quiet, read_faiss, check_trainable,
                                    estimate_bytes, locked_target, read_infos_or_none,
                                    unbuildable)
@@ -766,34 +767,24 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
         size = sum(os.path.getsize(os.path.join(root, f))
                    for root, _, names in os.walk(files) for f in names)
         added = [w for w in worker_stats if w["added"]]
-        infos = {
-            "format_version": FORMAT_VERSION,
-            "files": build_id,
+        infos = build_infos(
+            build_id=build_id, choice=choice, index_key=index_key, rerank=rerank,
+            params=params, target_recall=target_recall, recall=recall,
+            num_queries=num_queries, tuning=tuning, latency=latency, rows=n, dim=d,
+            identity=identity, times=times, size=size, max_memory=max_memory,
+            recall_method=("rows of the dataset drawn at random as queries (each "
+                           "excluded from its own results), against exact "
+                           "inner-product search over every row, computed per shard "
+                           "on the workers and merged by a Beam combine"))
+        infos.update({
             "engine": "beam",
             "runner": beam_run.describe(),
             "threads_per_worker": threads_per_worker(beam_run)
             if (beam_run.local_workers or 0) > 1 else None,
-            "index_key": choice.key,
-            "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
-            "metric": METRIC,
             "layout": layout,
             "layout_note": LAYOUTS[layout],
             "stacked_shards": [r["name"] for r in shard_records if r["rows"]]
             if layout == "stacked" else None,
-            "rerank": rerank,
-            "search_parameters": params,
-            "target_recall_at_10": target_recall,
-            "target_met": recall["recall_at_10"] >= target_recall,
-            "recall_at_1": recall["recall_at_1"],
-            "recall_at_10": recall["recall_at_10"],
-            "recall_queries": num_queries,
-            "recall_method": ("rows of the dataset drawn at random as queries (each "
-                              "excluded from its own results), against exact "
-                              "inner-product search over every row, computed per shard "
-                              "on the workers and merged by a Beam combine"),
-            "tuning": tuning,
-            "latency_ms": latency,
-            "rows": n,
             "rows_added": n_new,
             "rows_removed": sum(v["rows"] for v in removed.values()),
             "incremental": old is not None,
@@ -804,11 +795,6 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
                       for name, rows, ls in all_labelled},
             "next_label": next_label,
             "generation": generation,
-            "dimension": d,
-            "identity": identity,
-            "model": identity.get("model"),
-            "weights_sha256": identity.get("weights_sha256"),
-            "build_seconds": {k: round(v, 3) for k, v in times.items()},
             "workers": {
                 "shard_seconds_p50": _p(added, "seconds", 50),
                 "shard_seconds_max": _p(added, "seconds", 100),
@@ -818,15 +804,10 @@ def _build(source, to, index_key, max_memory, target_recall, rebuild, recall_que
                 "peak_rss_bytes_by_process": _peaks(worker_stats),
                 "train": train_stats,
             },
-            "size_on_disk_bytes": size,
-            "estimated_index_memory_bytes": choice.estimated_bytes,
-            "max_memory_bytes": max_memory,
-            "peak_memory_bytes": _peak_rss(),
-            # of which not file pages the kernel can drop (see AnonymousMemoryPeak)
+            # of peak_memory_bytes, what is not file pages the kernel can
+            # drop (see AnonymousMemoryPeak)
             "peak_anonymous_memory_bytes": anonymous.peak if anonymous else None,
-            "faiss_version": faiss.__version__,
-            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        })
         with open(os.path.join(files, INDEX_INFOS), "w", encoding="utf-8") as f:
             json.dump(infos, f, indent=1)
         from pipeline.search.index import _commit

@@ -795,43 +795,17 @@ def _build_in_process(source: VectorSource, to: str, index_key: str, max_memory:
         pq.write_table(rows_table, os.path.join(files, "rows.parquet"))
         times["total_s"] = time.perf_counter() - started
         size = sum(os.path.getsize(os.path.join(files, f)) for f in os.listdir(files))
-        infos = {
-            "format_version": FORMAT_VERSION,
-            "files": build_id,
-            "engine": "in-process",
-            "runner": None,
-            "shards": 1,
-            "index_key": choice.key,
-            "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
-            "metric": METRIC,
-            "rerank": rerank,
-            "search_parameters": params,
-            "target_recall_at_10": target_recall,
-            "target_met": recall["recall_at_10"] >= target_recall,
-            "recall_at_1": recall["recall_at_1"],
-            "recall_at_10": recall["recall_at_10"],
-            "recall_queries": num_queries,
-            "recall_method": ("held-out rows of the dataset as queries (each "
-                              "excluded from its own results), against exact "
-                              "inner-product search over every row; a neighbour "
-                              "counts when its score reaches the exact k-th score"),
-            "tuning": tuning,
-            "latency_ms": latency,
-            "rows": n,
-            "rows_added": len(new_ids),
-            "incremental": incremental,
-            "dimension": d,
-            "identity": identity,
-            "model": identity.get("model"),
-            "weights_sha256": identity.get("weights_sha256"),
-            "build_seconds": {k: round(v, 3) for k, v in times.items()},
-            "size_on_disk_bytes": size,
-            "estimated_index_memory_bytes": choice.estimated_bytes,
-            "max_memory_bytes": max_memory,
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "faiss_version": faiss.__version__,
-            "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
+        infos = build_infos(
+            build_id=build_id, choice=choice, index_key=index_key, rerank=rerank,
+            params=params, target_recall=target_recall, recall=recall,
+            num_queries=num_queries, tuning=tuning, latency=latency, rows=n, dim=d,
+            identity=identity, times=times, size=size, max_memory=max_memory,
+            recall_method=("held-out rows of the dataset as queries (each "
+                           "excluded from its own results), against exact "
+                           "inner-product search over every row; a neighbour "
+                           "counts when its score reaches the exact k-th score"))
+        infos.update({"engine": "in-process", "runner": None, "shards": 1,
+                      "rows_added": len(new_ids), "incremental": incremental})
         _write_json(os.path.join(files, INDEX_INFOS), infos)
         _commit(work, to, build_id, infos)
     except BaseException:
@@ -844,6 +818,44 @@ def _build_in_process(source: VectorSource, to: str, index_key: str, max_memory:
         progress(f"warning: recall@10 {infos['recall_at_10']:.3f} is below the "
                  f"target {target_recall} at the largest search parameters tried")
     return infos
+
+
+def build_infos(*, build_id: str, choice: "Choice", index_key: str, rerank, params: dict,
+                target_recall: float, recall: dict, num_queries: int, tuning, latency: dict,
+                rows: int, dim: int, identity: dict, times: dict, size: int,
+                max_memory: int, recall_method: str) -> dict:
+    """What every build records in index_infos.json, in-process or on Beam
+    (each adds its own engine, shard and incremental fields)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "files": build_id,
+        "index_key": choice.key,
+        "chosen_by": f"auto: {choice.reason}" if index_key == "auto" else "--index_key",
+        "metric": METRIC,
+        "rerank": rerank,
+        "search_parameters": params,
+        "target_recall_at_10": target_recall,
+        "target_met": recall["recall_at_10"] >= target_recall,
+        "recall_at_1": recall["recall_at_1"],
+        "recall_at_10": recall["recall_at_10"],
+        "recall_queries": num_queries,
+        "recall_method": recall_method,
+        "tuning": tuning,
+        "latency_ms": latency,
+        "rows": rows,
+        "dimension": dim,
+        "identity": identity,
+        "model": identity.get("model"),
+        "weights_sha256": identity.get("weights_sha256"),
+        "build_seconds": {k: round(v, 3) for k, v in times.items()},
+        "size_on_disk_bytes": size,
+        "estimated_index_memory_bytes": choice.estimated_bytes,
+        "max_memory_bytes": max_memory,
+        # this process's peak RSS
+        "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "faiss_version": faiss.__version__,
+        "built_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _exists_remote(folder: str) -> bool:
