@@ -199,8 +199,23 @@ def test_option_errors_are_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()
 
 
+# The CPUs a user has: the quantizer's settings follow the CPU's int8
+# instructions (no VNNI/AMX: `reduce_range`), and whether the result passes
+# the guard depends on them. Each case asserts what the product promises on
+# that CPU: int8 within the guard and top-1 kept, or fp32 after one warning
+# that gives the guard's figures. "native" is this machine as it is;
+# "no_vnni" simulates an AVX2-only CPU's flags (on an AVX2-only machine the
+# two are the same case).
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma", "f16c"}
+
+
 @needs_shared
-def test_real_weights_pass_the_guard_and_keep_top1(cache):
+@pytest.mark.parametrize("cpu", ["native", "no_vnni"])
+def test_real_weights_keep_top1_in_int8_or_fall_back_to_fp32(cache, monkeypatch,
+                                                             caplog, cpu):
+    if cpu == "no_vnni":
+        monkeypatch.setattr(quantize, "cpu_flags", lambda: set(AVX2_ONLY))
+    caplog.set_level(logging.INFO)
     labels = {r["file"]: int(r["class_index_1001"])
               for r in csv.DictReader(open(SAMPLE / "labels.csv"))}
     files = sorted(str(SAMPLE / f) for f in labels)
@@ -209,9 +224,22 @@ def test_real_weights_pass_the_guard_and_keep_top1(cache):
     decision = calibration.decide(spec, "int8", PreprocessSettings(224, 224),
                                   DecodeLimits(), [str(SAMPLE / "*.JPEG")], None,
                                   ("jpeg",), None)
-    assert decision.model is not None, decision.reason
+    # The quantizer took the settings this CPU calls for.
+    (record_file,) = cache.glob("graphs/*.int8-*.json")
+    record = json.loads(record_file.read_text())
+    assert record["settings"]["reduce_range"] is (quantize.int8_instructions() is None)
+    warnings = _project_warnings(caplog)
+    if decision.model is None:
+        # The guard decided, not an error: one warning with its figures, and
+        # the job goes on in fp32 with the reason recorded.
+        assert decision.spec.precision == "fp32"
+        assert "accuracy guard failed" in decision.reason
+        assert "top-1 agreement" in decision.reason
+        assert len(warnings) == 1 and "accuracy guard failed" in warnings[0], warnings
+        return
+    assert warnings == [], warnings
     guard = decision.model.quantization["guard"]
-    assert guard["passed"] and guard["top1_agreement"] >= 0.9, guard
+    assert guard["passed"] and guard["top1_agreement"] >= quantize.GUARD_TOP1_AGREEMENT
     pixels, kept = decode_sample(files, PreprocessSettings(224, 224), DecodeLimits())
     truth = np.array([labels[os.path.basename(f)] for f in kept])
     fp32 = (calibration.predict(decision.model.reference, pixels)[0].argmax(1) == truth).mean()
@@ -225,3 +253,15 @@ def test_real_weights_pass_the_guard_and_keep_top1(cache):
     ov = quantize.runner("openvino", data, qfile)(sample)
     assert quantize.cosines(ort[1], ov[1]).min() > 0.97
     assert (ort[0].argmax(1) == ov[0].argmax(1)).mean() >= 0.9
+
+
+def test_the_quantizer_settings_follow_the_cpu(monkeypatch):
+    """Without VNNI/AMX the weights are quantized to 7 bits (`reduce_range`),
+    which avoids the saturation of u8s8 multiply-adds there; with them, to
+    8 bits. The cache key differs, so a machine never reuses the other's."""
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: set(AVX2_ONLY))
+    assert quantize.settings()["reduce_range"] is True
+    avx2_key = quantize.cache_path("/c/m.onnx-abc", "d" * 64)
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2_ONLY | {"avx512_vnni"})
+    assert quantize.settings()["reduce_range"] is False
+    assert quantize.cache_path("/c/m.onnx-abc", "d" * 64) != avx2_key
