@@ -27,6 +27,28 @@ from transforms.sinks.records import VectorRecord, point_uuid
 VECTOR_NAME = "dense"
 
 
+class _BeamQdrantHintFilter:
+    """Beam's own Qdrant writer annotates expand() with a PTransform where
+    Beam expects a PCollection, and Beam logs "This output type hint will be
+    ignored" each time it reads it (4 lines per export): this drops exactly
+    that line, for the rag writers' types only."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("This output type hint will be ignored")
+                    and "apache_beam.ml.rag" in text)
+
+
+_HINT_FILTER = _BeamQdrantHintFilter()
+
+
+def quiet_beam_type_hint_warning() -> None:
+    import logging
+    root = logging.getLogger()
+    if _HINT_FILTER not in root.filters:
+        root.addFilter(_HINT_FILTER)
+
+
 @dataclasses.dataclass(frozen=True)
 class QdrantTarget:
     """Where: path (embedded local folder), url (a server) or ":memory:"."""
@@ -102,6 +124,7 @@ class WriteToQdrant(beam.PTransform):
         self.overwrite, self.batch_size = overwrite, batch_size
 
     def expand(self, records):
+        quiet_beam_type_hint_warning()
         from apache_beam.ml.rag.ingestion.base import VectorDatabaseWriteTransform
         from apache_beam.ml.rag.ingestion.qdrant import QdrantWriteConfig
         target, name, identity, overwrite = (self.target, self.collection,
