@@ -181,7 +181,7 @@ class WriteToLanceDB(beam.PTransform):
         written = (records
                    | "Batch" >> beam.BatchElements(min_batch_size=min(100, self.batch_size),
                                                    max_batch_size=self.batch_size)
-                   | "AppendOrMerge" >> beam.ParDo(_MergeBatch(uri, name, schema),
+                   | "MergeInsert" >> beam.ParDo(_MergeBatch(uri, name, schema),  # appends if new
                                                  beam.pvalue.AsSingleton(ready))
                    | "Rows" >> beam.CombineGlobally(sum))
         if self.index:
