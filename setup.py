@@ -29,6 +29,7 @@ INSTALL_REQUIRES = [
     "pillow-heif>=1.1,<2",  # HEIC/HEIF through libheif
     "tifffile>=2025.1",  # TIFFs Pillow cannot read: float, planar, JPEG 2000...
     "imagecodecs>=2025.3",  # the codecs tifffile decodes them with
+    "orjson>=3.9,<4",  # the JSON lines of vertex/bigquery exports
     "simplejpeg>=1.7,<2",  # libjpeg-turbo's M/8 DCT scaling for plain JPEGs
     "google-cloud-storage>=2.14",
     "psutil>=5.9",  # local runs size their worker processes by free memory

@@ -9,8 +9,10 @@ the default local runner: one worker process per core).
 Qdrant's local mode (a folder, no server) is slow by design (Qdrant's docs:
 for tests and small sets) and admits one process: it is measured on
 --qdrant_rows rows. Milvus Lite and Qdrant local run on one worker (each
-locks its files); the others on every core. Results go to
-benchmarks/results/export-<rows>.json.
+locks its files); the others on every core. Beside each, a bare
+write of the same rows in the same run (no Beam, one process: orjson lines
+into one file; one LanceDB create_table), and the ratio export/bare.
+Results go to benchmarks/results/export-<rows>.json.
 """
 from __future__ import annotations
 
@@ -80,6 +82,38 @@ def run_export(dataset: Path, fmt: str, to: Path, extra=()) -> dict:
     return {"seconds": round(seconds, 2), "message": done.stdout.strip().splitlines()[-1]}
 
 
+def bare_write(dataset: Path, fmt: str, to: Path) -> float:
+    """Seconds for the same rows written without Beam, in this process: the
+    parts read whole, the vectors normalized, then (vertex, bigquery) one
+    orjson line per row into one file, (lancedb) one create_table of them
+    all; milvus, qdrant: one insert / upsert call per 2000 rows."""
+    from transforms.sinks.files import bigquery_line, vertex_line
+    from transforms.sinks.records import VectorRecord
+    start = time.perf_counter()
+    table = pa.concat_tables(pq.read_table(p, columns=["image_id", "uri", "feature_vector",
+                                                       "top5_labels"])
+                             for p in sorted((dataset / "embeddings").glob("*.parquet")))
+    x = table.column("feature_vector").combine_chunks()
+    x = x.flatten().to_numpy().reshape(len(x), DIM)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    ids, uris = table.column("image_id").to_pylist(), table.column("uri").to_pylist()
+    top5 = table.column("top5_labels").to_pylist()
+    if fmt in ("vertex", "bigquery"):
+        line = vertex_line if fmt == "vertex" else bigquery_line
+        with open(to, "w", encoding="utf-8") as f:
+            for i, image_id in enumerate(ids):
+                f.write(line(VectorRecord(image_id, uris[i], x[i], top5[i][0], tuple(top5[i]),
+                                          "m")) + "\n")
+    elif fmt == "lancedb":
+        import lancedb
+        data = pa.table({"id": ids, "uri": uris, "vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(x.astype(np.float32).ravel()), DIM), "label": [t[0] for t in top5]})
+        lancedb.connect(str(to)).create_table("images", data)
+    else:
+        return float("nan")
+    return time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.export")
     parser.add_argument("--rows", type=int, default=20_000)
@@ -101,13 +135,19 @@ def main(argv=None) -> int:
             to = work / ("m.db" if fmt == "milvus" else fmt)
             first = run_export(dataset, fmt, to)
             again = run_export(dataset, fmt, to)  # idempotent: upserts / replaced set
+            bare = bare_write(dataset, fmt, work / f"bare-{fmt}")
             results["formats"][fmt] = {
                 "rows": rows, "seconds": first["seconds"],
                 "rows_per_s": round(rows / first["seconds"], 1),
+                "rows_per_s_per_core": round(rows / first["seconds"] / (os.cpu_count() or 1), 1),
+                "bare_seconds": round(bare, 2),
+                "bare_rows_per_s": round(rows / bare, 1) if bare == bare else None,
+                "vs_bare": round(bare / first["seconds"], 3) if bare == bare else None,
                 "again_seconds": again["seconds"], "message": again["message"]}
             print(f"{fmt:9s} {rows:7d} rows {first['seconds']:7.1f} s "
-                  f"{rows / first['seconds']:9.1f} rows/s (again {again['seconds']:.1f} s)",
-                  flush=True)
+                  f"{rows / first['seconds']:9.1f} rows/s (again {again['seconds']:.1f} s); "
+                  f"bare write {bare:.1f} s {rows / bare:9.1f} rows/s, "
+                  f"export/bare {bare / first['seconds']:.2f}x", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out = HERE / "results" / f"export-{args.rows}.json"

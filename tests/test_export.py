@@ -449,3 +449,59 @@ def test_a_local_dry_run_builds_the_graph_and_writes_nothing(data, tmp_path, cap
         assert export(data["out"], "--format", fmt, "--to", tmp_path / fmt, "--dry_run") == 0
         assert "dry run" in capsys.readouterr().out
     assert os.listdir(tmp_path) == []
+
+
+# --- A store equals the dataset ---------------------------------------------------
+
+def _synthetic(root, n, seed=0):
+    from synthetic_dataset import write_dataset
+    rng = np.random.default_rng(seed)
+    vectors = np.maximum(rng.normal(size=(n, 32)), 0).astype(np.float32) + 0.01
+    return write_dataset(root, vectors, [f"img{seed}-{i:04d}" for i in range(n)],
+                         rows_per_part=40, row_group=16)
+
+
+def _store_rows(fmt, to):
+    from transforms.sinks.lancedb_sink import LanceDBConfig
+    from transforms.sinks.milvus_sink import MilvusConfig
+    from transforms.sinks.qdrant_sink import QdrantConfig, QdrantTarget
+    config = {"lancedb": lambda: LanceDBConfig(str(to), {}),
+              "qdrant": lambda: QdrantConfig(QdrantTarget(path=str(to)), {}),
+              "milvus": lambda: MilvusConfig(str(to), {})}[fmt]()
+    return config.count(), sorted(config.stored_ids())
+
+
+@pytest.mark.parametrize("fmt, name", [("lancedb", "l"), ("qdrant", "q"), ("milvus", "m.db")])
+def test_reexport_after_the_dataset_shrinks_deletes_the_stale_rows(tmp_path, fmt, name):
+    ds = _synthetic(tmp_path / "ds", 120)
+    to = tmp_path / name
+    assert export(ds, "--format", fmt, "--to", to) == 0
+    assert _store_rows(fmt, to)[0] == 120
+    parts = sorted((ds / "embeddings").iterdir())
+    parts[1].unlink()  # 40 rows gone
+    left = sorted(i for p in parts if p.exists()
+                  for i in pq.read_table(p, columns=["image_id"]).column("image_id").to_pylist())
+    assert export(ds, "--format", fmt, "--to", to) == 0
+    assert _store_rows(fmt, to) == (80, left)
+
+
+@pytest.mark.parametrize("fmt, name", [("lancedb", "l"), ("qdrant", "q"), ("milvus", "m.db")])
+def test_another_dataset_into_the_same_store_is_refused_unless_overwrite(tmp_path, capsys,
+                                                                         fmt, name):
+    first, second = _synthetic(tmp_path / "a", 50), _synthetic(tmp_path / "b", 30, seed=1)
+    to = tmp_path / name
+    assert export(first, "--format", fmt, "--to", to) == 0
+    capsys.readouterr()
+    assert export(second, "--format", fmt, "--to", to) == 2
+    one_line_error(capsys, "dataset", str(tmp_path / "a"), "--overwrite")
+    assert _store_rows(fmt, to)[0] == 50
+    assert export(second, "--format", fmt, "--to", to, "--overwrite") == 0
+    assert _store_rows(fmt, to)[0] == 30
+
+
+def test_qdrant_export_prints_no_beam_type_hint_warnings(tmp_path, caplog):
+    import logging
+    ds = _synthetic(tmp_path / "ds", 20)
+    with caplog.at_level(logging.WARNING):
+        assert export(ds, "--format", "qdrant", "--to", tmp_path / "q") == 0
+    assert not [r for r in caplog.records if "type hint" in r.getMessage()]

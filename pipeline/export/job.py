@@ -100,102 +100,82 @@ def _check_columns(dataset: Dataset, restricts: Sequence[str], crowding: Optiona
         raise SearchError(f"--restrict {bad[0]} is written already; name another column")
 
 
-def _sink(target: targets.Target, identity: dict, restricts, crowding, overwrite,
-          staging: Optional[str], shards: int, table: str, index: bool):
-    fmt, kind = target.fmt, target.kind
-    if kind == "files":
-        from transforms.sinks.files import WriteBigQueryFiles, WriteVertexFiles
-        if fmt == "vertex":
-            return WriteVertexFiles(join(staging, "embeddings"), shards)
-        return WriteBigQueryFiles(join(staging, "rows"), shards)
-    if kind == "bigquery-table":
+def _lancedb(target, identity, table, restricts, crowding, index):
+    from transforms.sinks.lancedb_sink import LanceDBConfig
+    return LanceDBConfig(target.to, identity, table, restricts, crowding is not None, index)
+
+
+def _qdrant(target, identity, table, restricts, crowding, index):
+    from transforms.sinks.qdrant_sink import QdrantConfig, QdrantTarget
+    where = (QdrantTarget(path=target.to) if target.kind == "qdrant-local"
+             else QdrantTarget(url=target.to))
+    return QdrantConfig(where, identity, table)
+
+
+def _milvus(target, identity, table, restricts, crowding, index):
+    from transforms.sinks.milvus_sink import MilvusConfig
+    return MilvusConfig(target.to, identity, table, restricts)
+
+
+# format -> its store's write config (transforms.sinks.base.StoreConfig)
+STORES = {"lancedb": _lancedb, "qdrant": _qdrant, "milvus": _milvus}
+
+
+def _file_sink(target: targets.Target, restricts, crowding, staging: Optional[str],
+               shards: int):
+    if target.kind == "bigquery-table":
         from transforms.sinks.bigquery import WriteToBigQueryVectors
         return WriteToBigQueryVectors(target.to, restricts, crowding is not None)
-    if kind == "lancedb":
-        from transforms.sinks.lancedb_sink import WriteToLanceDB
-        return WriteToLanceDB(target.to, identity, table, restricts, crowding is not None,
-                              index=index, overwrite=overwrite)
-    if kind.startswith("qdrant"):
-        from transforms.sinks.qdrant_sink import QdrantTarget, WriteToQdrant
-        where = (QdrantTarget(path=target.to) if kind == "qdrant-local"
-                 else QdrantTarget(url=target.to))
-        return WriteToQdrant(where, identity, table, overwrite=overwrite)
-    from transforms.sinks.milvus_sink import WriteToMilvus
-    return WriteToMilvus(target.to, identity, table, restricts, overwrite=overwrite)
+    from transforms.sinks.files import WriteBigQueryFiles, WriteVertexFiles
+    writer, stem = {"vertex": (WriteVertexFiles, "embeddings"),
+                    "bigquery": (WriteBigQueryFiles, "rows")}[target.fmt]
+    return writer(join(staging, stem), shards)
 
 
-CLIENTS = {"lancedb": "lancedb", "qdrant": "qdrant_client", "milvus": "pymilvus"}
-
-
-def _require_client(fmt: str) -> None:
-    """The store's client library, or one line naming the extra to install."""
-    if fmt not in CLIENTS:
-        return
+def _store(target, identity, table, restricts, crowding, index):
+    """The store's config, its client library checked (one line naming the
+    extra where it is missing); None for file formats."""
+    if target.fmt not in STORES:
+        return None
+    config = STORES[target.fmt](target, identity, table, restricts, crowding, index)
     try:
-        if fmt == "milvus":
-            from transforms.sinks.milvus_sink import _import_pymilvus
-            _import_pymilvus()
-        else:
-            __import__(CLIENTS[fmt])
+        config.check_client()
     except ImportError as e:
-        raise SearchError(f"--format {fmt} needs its client library: pip install "
-                          f"'mobilenet-embed[{fmt}]' ({e})") from None
+        raise SearchError(f"--format {target.fmt} needs its client library: pip install "
+                          f"'mobilenet-embed[{target.fmt}]' ({e})") from None
+    return config
 
 
-def _prepare_store(target: targets.Target, identity: dict, restricts, crowding,
-                   overwrite: bool, table: str) -> None:
-    """Create or check the table/collection in the launcher (one call), so
-    another model's vectors are one line, exit 2, before any work."""
+def _store_step(target: targets.Target, step: str, call):
+    """A store call in the launcher as one line: StoreMismatch and bad names
+    exit 2 with their own line, anything else names the store."""
     try:
-        if target.kind == "lancedb":
-            from transforms.sinks.lancedb_sink import open_table
-            open_table(target.to, table, identity, restricts, crowding is not None, overwrite)
-        elif target.kind.startswith("qdrant"):
-            from transforms.sinks.qdrant_sink import QdrantTarget, prepare_collection
-            prepare_collection(QdrantTarget(path=target.to) if target.kind == "qdrant-local"
-                               else QdrantTarget(url=target.to), table, identity, overwrite)
-        elif target.kind.startswith("milvus"):
-            from transforms.sinks.milvus_sink import prepare_collection
-            prepare_collection(target.to, table, identity, restricts, overwrite)
-    except ImportError as e:
-        extra = {"lancedb": "lancedb", "qdrant": "qdrant", "milvus": "milvus"}[target.fmt]
-        raise SearchError(f"--format {target.fmt} needs its client library "
-                          f"(pip install 'mobilenet-embed[{extra}]'): {e}") from None
+        return call()
     except ValueError as e:  # StoreMismatch, bad names
         raise SearchError(str(e).splitlines()[0]) from None
     except Exception as e:  # pylint: disable=broad-except
-        raise SearchError(f"cannot open {target.fmt} at {target.shown}: "
-                          f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}") from None
+        text = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise SearchError(f"cannot {step} {target.fmt} at {target.shown}: "
+                          f"{type(e).__name__}: {text}") from None
 
 
-def count_rows(target: targets.Target, table: str) -> Optional[int]:
-    """Rows in the store after the export (None where not countable here)."""
+def dataset_ids(dataset: Dataset) -> set:
+    """Every image_id of the dataset (one column of each part)."""
+    ids = set()
+    for path in dataset.parts():
+        with FileSystems.open(path) as f:
+            ids.update(pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist())
+    return ids
+
+
+def dataset_identity(dataset: Dataset) -> str:
+    """What tells datasets apart: its creation stamp (kept by a copy and by
+    runs that grow it), else its folder."""
     try:
-        if target.kind == "lancedb":
-            import lancedb
-            return lancedb.connect(target.to).open_table(table).count_rows()
-        if target.kind.startswith("qdrant"):
-            from transforms.sinks.qdrant_sink import QdrantTarget
-            client = (QdrantTarget(path=target.to) if target.kind == "qdrant-local"
-                      else QdrantTarget(url=target.to)).client()
-            try:
-                return client.count(table, exact=True).count
-            finally:
-                client.close()
-        if target.kind.startswith("milvus"):
-            from transforms.sinks.milvus_sink import _import_pymilvus
-            _import_pymilvus()
-            from pymilvus import MilvusClient
-            client = MilvusClient(uri=target.to)
-            try:
-                client.flush(table)
-                return int(client.query(table, filter="", output_fields=["count(*)"])
-                           [0]["count(*)"])
-            finally:
-                client.close()
+        recorded = dataset.read_json(dataset.dataset_json) or {}
     except Exception:  # pylint: disable=broad-except
-        LOG.debug("could not count the rows of %s", target.shown, exc_info=True)
-    return None
+        recorded = {}
+    return str(recorded.get("created_at") or dataset.root)
 
 
 def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
@@ -208,7 +188,6 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
     if fmt not in FORMATS:
         raise SearchError(f"--format {fmt!r} is not known; use one of {', '.join(FORMATS)}")
     target = targets.classify(fmt, to)
-    _require_client(fmt)
     targets.check_writable(target)
     dataset = Dataset(output)
     try:
@@ -217,7 +196,8 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
         raise SearchError(str(e)) from None
     restricts = list(dict.fromkeys(restricts))
     _check_columns(dataset, restricts, crowding)
-    identity = store_identity(metadata, dataset.root)
+    identity = store_identity(metadata, dataset.root, dataset_identity(dataset))
+    store = _store(target, identity, table, restricts, crowding, index)
     argv = list(beam_argv)
     if target.embedded_single_process and not any(
             a.split("=")[0] in ("--direct_running_mode", "--direct_num_workers") for a in argv):
@@ -233,8 +213,8 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
               "files": [], "store_rows": None, "runner": beam_run.describe()}
     if beam_run.dry_run:
         staging = join(target.to, f"{targets.STAGING}{run_id}") if target.kind == "files" else None
-        sink = _sink(target, identity, restricts, crowding, overwrite, staging, shards,
-                     table, index)
+        sink = (store.create_write_transform() if store is not None
+                else _file_sink(target, restricts, crowding, staging, shards))
         run_pipeline(lambda p: _graph(p, items, metadata.model.model, restricts,
                                       crowding, sink), beam_run, "export")
         result["dry_run"] = True
@@ -243,13 +223,13 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
     staging = None
     try:
         previous = targets.check_previous(target, identity, overwrite)
-        if target.kind not in ("files", "bigquery-table"):
-            _prepare_store(target, identity, restricts, crowding, overwrite, table)
+        if store is not None:
+            _store_step(target, "open", lambda: store.prepare(overwrite))
         if target.kind == "files":
             targets.remove_stale_staging(target)
             staging = join(target.to, f"{targets.STAGING}{run_id}")
-        sink = _sink(target, identity, restricts, crowding, overwrite, staging, shards,
-                     table, index)
+        sink = (store.create_write_transform() if store is not None
+                else _file_sink(target, restricts, crowding, staging, shards))
         progress(f"exporting {rows} rows of {dataset.shown} ({len(items)} row groups) "
                  f"to {target.shown} as {fmt} on {beam_run.describe()}")
         run_pipeline(lambda p: _graph(p, items, metadata.model.model, restricts,
@@ -262,8 +242,15 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
             result["files"] = targets.commit_files(target, staging, run_id, payload,
                                                    previous, overwrite)
             staging = None
-        else:
-            result["store_rows"] = count_rows(target, table)
+        elif store is not None:
+            # the store equals the dataset: rows of images it no longer holds go
+            keep = dataset_ids(dataset)
+            result["stale_deleted"] = _store_step(target, "delete stale rows in",
+                                                  lambda: store.delete_stale(keep))
+            if result["stale_deleted"]:
+                progress(f"deleted {result['stale_deleted']} rows of images no longer "
+                         f"in {dataset.shown} from {target.shown}")
+            result["store_rows"] = _count(store, target)
             targets.write_manifest(target, {**payload, "table": table,
                                             "store_rows": result["store_rows"]})
     finally:
@@ -272,6 +259,15 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
         if held is not None:
             held.release(run_id)
     return result
+
+
+def _count(store, target) -> Optional[int]:
+    """Rows in the store after the export (None where not countable here)."""
+    try:
+        return store.count()
+    except Exception:  # pylint: disable=broad-except
+        LOG.debug("could not count the rows of %s", target.shown, exc_info=True)
+        return None
 
 
 def targets_max_files() -> int:

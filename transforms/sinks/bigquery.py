@@ -31,11 +31,13 @@ def item_row(item) -> dict:
     if item.embedding is None or item.embedding.dense_embedding is None:
         raise ValueError(f"{item.id}: no dense embedding")
     m = item.metadata
-    return bigquery_row(VectorRecord(
+    row = bigquery_row(VectorRecord(
         item.id, item.content_string, item.embedding.dense_embedding, m["label"],
         tuple(m["top5_labels"]), m["model"],
         tuple((k, tuple(v)) for k, v in m.get("restricts") or ()),
         m.get("crowding_tag")))
+    row["embedding"] = [float(v) for v in row["embedding"]]  # FLOAT64 values
+    return row
 
 
 class WriteToBigQueryVectors(beam.PTransform):

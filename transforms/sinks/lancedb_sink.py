@@ -18,15 +18,12 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from transforms.sinks.records import (identity_differences, identity_json)
+from transforms.sinks.base import StoreConfig, StoreMismatch, check_recorded, mismatch
+from transforms.sinks.records import identity_json
 
 LOG = logging.getLogger(__name__)
 META_IDENTITY = b"mobilenet_embed.identity"
 MIN_INDEX_ROWS = 256  # IVF_PQ trains 256 centroids per sub-vector
-
-
-class StoreMismatch(ValueError):
-    """The target holds another model's vectors (or another layout)."""
 
 
 def lance_schema(identity: dict, restricts: Iterable[str] = (),
@@ -85,16 +82,14 @@ def open_table(uri: str, name: str, identity: dict, restricts=(), crowding=False
     if name in db.table_names():
         table = db.open_table(name)
         theirs = recorded_identity(table)
-        differing = identity_differences(identity, theirs)
+        differing = check_recorded(f"LanceDB table {name!r} at {uri}", identity, theirs)
         if not differing and table.schema.remove_metadata() != schema.remove_metadata():
             differing = ["columns " + ", ".join(table.schema.names) + " vs "
                          + ", ".join(schema.names)]
         if not differing:
             return table
         if not overwrite:
-            raise StoreMismatch(
-                f"LanceDB table {name!r} at {uri} holds other vectors "
-                f"({'; '.join(differing)}); use --overwrite to replace it")
+            raise mismatch(f"LanceDB table {name!r} at {uri}", differing)
         db.drop_table(name)
     try:
         return db.create_table(name, schema=schema)
@@ -116,12 +111,15 @@ class _MergeBatch(beam.DoFn):
         import lancedb
         self._table = lancedb.connect(self._uri).open_table(self._name)
 
-    def process(self, batch, ready):
+    def process(self, batch, new_table):
         data = to_arrow(list(batch), self._schema)
         for attempt in range(20):
             try:
-                (self._table.merge_insert("id").when_matched_update_all()
-                 .when_not_matched_insert_all().execute(data))
+                if new_table:  # bulk append: no row exists to match
+                    self._table.add(data)
+                else:
+                    (self._table.merge_insert("id").when_matched_update_all()
+                     .when_not_matched_insert_all().execute(data))
                 break
             except Exception as e:  # pylint: disable=broad-except
                 if not is_conflict(e) or attempt == 19:
@@ -174,18 +172,61 @@ class WriteToLanceDB(beam.PTransform):
         restricts, crowding, overwrite = self.restricts, self.crowding, self.overwrite
         schema = lance_schema(identity, restricts, crowding)
 
-        def prepare(_):
-            open_table(uri, name, identity, restricts, crowding, overwrite)
-            return True
+        def prepare(_):  # True where the table is empty: append, no upsert
+            return open_table(uri, name, identity, restricts, crowding,
+                              overwrite).count_rows() == 0
 
         ready = (records.pipeline | "Start" >> beam.Create([None])
                  | "CreateTable" >> beam.Map(prepare))
         written = (records
                    | "Batch" >> beam.BatchElements(min_batch_size=min(100, self.batch_size),
                                                    max_batch_size=self.batch_size)
-                   | "MergeInsert" >> beam.ParDo(_MergeBatch(uri, name, schema),
+                   | "MergeInsert" >> beam.ParDo(_MergeBatch(uri, name, schema),  # appends if new
                                                  beam.pvalue.AsSingleton(ready))
                    | "Rows" >> beam.CombineGlobally(sum))
         if self.index:
             written | "Index" >> beam.Map(lambda rows: build_index(uri, name, rows))
         return written
+
+
+class LanceDBConfig(StoreConfig):
+    """The export's seam for a LanceDB table (see transforms.sinks.base)."""
+
+    client_module = "lancedb"
+
+    def __init__(self, uri: str, identity: dict, table: str = "images",
+                 restricts: Iterable[str] = (), crowding: bool = False,
+                 index: bool = False, batch_size: int = 2000):
+        self.uri, self.identity, self.table = uri, dict(identity), table
+        self.restricts, self.crowding, self.index = tuple(restricts), crowding, index
+        self.batch_size = batch_size
+        self.overwrite = False
+
+    def _open(self):
+        import lancedb
+        return lancedb.connect(self.uri).open_table(self.table)
+
+    def prepare(self, overwrite: bool = False) -> None:
+        self.overwrite = overwrite
+        open_table(self.uri, self.table, self.identity, self.restricts, self.crowding,
+                   overwrite)
+
+    def create_write_transform(self):
+        # prepared already: the pipeline's own check sees the same table
+        return WriteToLanceDB(self.uri, self.identity, self.table, self.restricts,
+                              self.crowding, index=self.index, overwrite=False,
+                              batch_size=self.batch_size)
+
+    def count(self) -> int:
+        return self._open().count_rows()
+
+    def stored_ids(self):
+        table = self._open()
+        rows = table.count_rows()
+        if rows == 0:
+            return []
+        return table.search().select(["id"]).limit(rows).to_arrow().column("id").to_pylist()
+
+    def delete_ids(self, ids: list[str]) -> None:
+        quoted = ", ".join("'" + i.replace("'", "''") + "'" for i in ids)
+        self._open().delete(f"id IN ({quoted})")

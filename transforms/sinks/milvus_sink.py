@@ -17,18 +17,14 @@ from typing import Iterable
 
 import apache_beam as beam
 
-from transforms.sinks.records import (VectorRecord, identity_differences,
-                                      identity_json)
+from transforms.sinks.base import StoreConfig, StoreMismatch, check_recorded, mismatch
+from transforms.sinks.records import VectorRecord, identity_json
 
 PROPERTY = "mobilenet_embed.identity"
 MAX_ID, MAX_TEXT = 1024, 8192
 
 
-class StoreMismatch(ValueError):
-    """The collection holds another model's vectors."""
-
-
-def _import_pymilvus():
+def import_pymilvus():
     """pymilvus runs logging.config.dictConfig at import, which shuts down
     every handler the process has (absl's among them, which then closes the
     stream it was made with: a test runner's captured stderr, for one).
@@ -53,7 +49,7 @@ def _import_pymilvus():
 
 def prepare_collection(uri: str, name: str, identity: dict, restricts: Iterable[str] = (),
                        overwrite: bool = False, token: str = "") -> None:
-    _import_pymilvus()
+    import_pymilvus()
     from pymilvus import DataType, MilvusClient
     client = MilvusClient(uri=uri, token=token)
     try:
@@ -63,13 +59,11 @@ def prepare_collection(uri: str, name: str, identity: dict, restricts: Iterable[
                 theirs = json.loads((info.get("properties") or {}).get(PROPERTY, "{}"))
             except ValueError:
                 theirs = {}
-            differing = identity_differences(identity, theirs)
+            differing = check_recorded(f"Milvus collection {name!r}", identity, theirs)
             if not differing:
                 return
             if not overwrite:
-                raise StoreMismatch(
-                    f"Milvus collection {name!r} holds other vectors "
-                    f"({'; '.join(differing)}); use --overwrite to replace it")
+                raise mismatch(f"Milvus collection {name!r}", differing)
             client.drop_collection(name)
         schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID)
@@ -127,7 +121,7 @@ class WriteToMilvus(beam.PTransform):
         self.batch_size = batch_size
 
     def expand(self, records):
-        _import_pymilvus()
+        import_pymilvus()
         from apache_beam.ml.rag.ingestion.base import VectorDatabaseWriteTransform
         from apache_beam.ml.rag.ingestion.jdbc_common import WriteConfig
         from apache_beam.ml.rag.ingestion.milvus_search import (MilvusVectorWriterConfig,
@@ -153,3 +147,58 @@ class WriteToMilvus(beam.PTransform):
                         collection_name=name,
                         write_config=WriteConfig(write_batch_size=self.batch_size)),
                     column_specs=column_specs(restricts))))
+
+
+class MilvusConfig(StoreConfig):
+    """The export's seam for a Milvus collection (see transforms.sinks.base)."""
+
+    def __init__(self, uri: str, identity: dict, collection: str = "images",
+                 restricts: Iterable[str] = (), token: str = "", batch_size: int = 1000):
+        self.uri, self.identity, self.collection = uri, dict(identity), collection
+        self.restricts, self.token, self.batch_size = tuple(restricts), token, batch_size
+
+    def check_client(self) -> None:
+        import_pymilvus()
+
+    def prepare(self, overwrite: bool = False) -> None:
+        prepare_collection(self.uri, self.collection, self.identity, self.restricts,
+                           overwrite, self.token)
+
+    def create_write_transform(self):
+        return WriteToMilvus(self.uri, self.identity, self.collection, self.restricts,
+                             token=self.token, batch_size=self.batch_size)
+
+    def _call(self, fn):
+        import_pymilvus()
+        from pymilvus import MilvusClient
+        client = MilvusClient(uri=self.uri, token=self.token)
+        try:
+            return fn(client)
+        finally:
+            client.close()
+
+    def count(self) -> int:
+        def count(client):
+            client.flush(self.collection)
+            return int(client.query(self.collection, filter="",
+                                    output_fields=["count(*)"])[0]["count(*)"])
+        return self._call(count)
+
+    def stored_ids(self):
+        def ids(client):
+            client.flush(self.collection)
+            found = []
+            it = client.query_iterator(self.collection, batch_size=2000, filter='id != ""',
+                                       output_fields=["id"])
+            try:
+                while True:
+                    rows = it.next()
+                    if not rows:
+                        return found
+                    found += [r["id"] for r in rows]
+            finally:
+                it.close()
+        return self._call(ids)
+
+    def delete_ids(self, ids: list[str]) -> None:
+        self._call(lambda c: c.delete(self.collection, ids=list(ids)))

@@ -21,14 +21,32 @@ from typing import Optional
 
 import apache_beam as beam
 
-from transforms.sinks.records import (VectorRecord, identity_differences,
-                                      point_uuid)
+from transforms.sinks.base import StoreConfig, StoreMismatch, check_recorded, mismatch
+from transforms.sinks.records import VectorRecord, point_uuid
 
 VECTOR_NAME = "dense"
 
 
-class StoreMismatch(ValueError):
-    """The collection holds another model's vectors."""
+class _BeamQdrantHintFilter:
+    """Beam's own Qdrant writer annotates expand() with a PTransform where
+    Beam expects a PCollection, and Beam logs "This output type hint will be
+    ignored" each time it reads it (4 lines per export): this drops exactly
+    that line, for the rag writers' types only."""
+
+    def filter(self, record) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("This output type hint will be ignored")
+                    and "apache_beam.ml.rag" in text)
+
+
+_HINT_FILTER = _BeamQdrantHintFilter()
+
+
+def quiet_beam_type_hint_warning() -> None:
+    import logging
+    root = logging.getLogger()
+    if _HINT_FILTER not in root.filters:
+        root.addFilter(_HINT_FILTER)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +84,11 @@ def prepare_collection(target: QdrantTarget, name: str, identity: dict,
             size = vectors[VECTOR_NAME].size if isinstance(vectors, dict) and \
                 VECTOR_NAME in vectors else None
             theirs.setdefault("feature_dim", str(size))
-            differing = identity_differences(identity, theirs)
+            differing = check_recorded(f"Qdrant collection {name!r}", identity, theirs)
             if not differing:
                 return
             if not overwrite:
-                raise StoreMismatch(
-                    f"Qdrant collection {name!r} holds other vectors "
-                    f"({'; '.join(differing)}); use --overwrite to replace it")
+                raise mismatch(f"Qdrant collection {name!r}", differing)
             client.delete_collection(name)
         client.create_collection(
             name, vectors_config={VECTOR_NAME: models.VectorParams(
@@ -108,6 +124,7 @@ class WriteToQdrant(beam.PTransform):
         self.overwrite, self.batch_size = overwrite, batch_size
 
     def expand(self, records):
+        quiet_beam_type_hint_warning()
         from apache_beam.ml.rag.ingestion.base import VectorDatabaseWriteTransform
         from apache_beam.ml.rag.ingestion.qdrant import QdrantWriteConfig
         target, name, identity, overwrite = (self.target, self.collection,
@@ -125,3 +142,47 @@ class WriteToQdrant(beam.PTransform):
                 | "WriteToQdrant" >> VectorDatabaseWriteTransform(QdrantWriteConfig(
                     connection_params=target.connection(), collection_name=name,
                     batch_size=self.batch_size, dense_embedding_key=VECTOR_NAME)))
+
+
+class QdrantConfig(StoreConfig):
+    """The export's seam for a Qdrant collection (see transforms.sinks.base)."""
+
+    client_module = "qdrant_client"
+
+    def __init__(self, target: QdrantTarget, identity: dict, collection: str = "images",
+                 batch_size: int = 1000):
+        self.target, self.identity, self.collection = target, dict(identity), collection
+        self.batch_size = batch_size
+
+    def prepare(self, overwrite: bool = False) -> None:
+        prepare_collection(self.target, self.collection, self.identity, overwrite)
+
+    def create_write_transform(self):
+        return WriteToQdrant(self.target, self.identity, self.collection,
+                             batch_size=self.batch_size)
+
+    def _call(self, fn):
+        client = self.target.client()
+        try:
+            return fn(client)
+        finally:
+            client.close()
+
+    def count(self) -> int:
+        return self._call(lambda c: c.count(self.collection, exact=True).count)
+
+    def stored_ids(self):
+        def scroll(client):
+            ids, offset = [], None
+            while True:
+                points, offset = client.scroll(self.collection, limit=2000, offset=offset,
+                                               with_payload=["image_id"], with_vectors=False)
+                ids += [p.payload.get("image_id") for p in points]
+                if offset is None:
+                    return [i for i in ids if i is not None]
+        return self._call(scroll)
+
+    def delete_ids(self, ids: list[str]) -> None:
+        from qdrant_client import models
+        self._call(lambda c: c.delete(self.collection, points_selector=models.PointIdsList(
+            points=[point_uuid(i) for i in ids]), wait=True))

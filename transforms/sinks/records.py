@@ -33,15 +33,18 @@ class VectorRecord(NamedTuple):
     crowding_tag: Optional[str] = None
 
 
-def store_identity(metadata: DatasetMetadata, dataset: str = "") -> dict:
+def store_identity(metadata: DatasetMetadata, dataset: str = "",
+                   dataset_id: str = "") -> dict:
     """What a store records about its vectors: the model (name, weights
-    digest, dimensions; these must match to mix rows), its handle and the
-    dataset they came from (recorded only)."""
+    digest, dimensions; these must match to mix rows), its handle, the
+    dataset they came from and that dataset's identity (its creation stamp:
+    a copied or grown dataset keeps it; another dataset is refused by the
+    stores, see transforms.sinks.base.check_recorded)."""
     return {"model": metadata.model.model,
             "weights_sha256": metadata.model.weights_sha256,
             "feature_dim": str(metadata.feature_dim),
             "model_handle": metadata.model.model_handle,
-            "dataset": dataset}
+            "dataset": dataset, "dataset_id": dataset_id}
 
 
 def identity_differences(mine: dict, theirs: dict) -> list[str]:
