@@ -376,8 +376,37 @@ class SearchIndex:
         _, found = self.index.search(queries, candidates)
         return _rerank(queries, found, self.rerank_vectors, k)
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+    def search_rows_full(self, vectors: np.ndarray, k: int, max_factor: int = 1024
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """search_rows, and for each query that got fewer than min(k, ntotal)
+        rows (an IVF probing too few lists, too few re-ranked candidates) the
+        search again with the effort doubled, up to `max_factor` times the
+        tuned one (an IVF then probes every list). The tuned parameters are
+        restored afterwards."""
         scores, rows = self.search_rows(vectors, k)
+        want = min(k, self.ntotal)
+        short = np.flatnonzero((rows >= 0).sum(axis=1) < want)
+        if not len(short):
+            return scores, rows
+        tuned, per_k = dict(self.params), self.candidates_per_k
+        factor = 2
+        try:
+            while len(short) and factor <= max_factor:
+                self.params, self.candidates_per_k = dict(tuned), per_k
+                self.search_harder(factor)
+                s2, r2 = self.search_rows(np.asarray(vectors)[short], k)
+                scores[short], rows[short] = s2, r2
+                short = short[(r2 >= 0).sum(axis=1) < want]
+                factor *= 2
+        finally:
+            self.params, self.candidates_per_k = tuned, per_k
+            self._apply(tuned)
+        return scores, rows
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+        """The k best rows of each query; where the tuned search finds fewer
+        than min(k, ntotal), it searches harder (search_rows_full)."""
+        scores, rows = self.search_rows_full(vectors, k)
         return [[Neighbor(self.image_ids[r].as_py(), self.uris[r].as_py(),
                           float(s), int(r)) for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]
