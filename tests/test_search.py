@@ -490,3 +490,23 @@ def test_search_returns_k_where_the_index_holds_k_rows(tmp_path):
         assert (np.diff(scores) <= 1e-6).all()
         np.testing.assert_allclose(scores, data[[n.row for n in row]] @ queries[found.index(row)],
                                    atol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["index", "dedup"])
+def test_a_part_without_feature_vectors_is_one_line_naming_it(dataset, tmp_path, capsys,
+                                                               command):
+    # issue 25: a part with the dataset's metadata but no feature_vector
+    # column ended `index` in "IndexError: index out of bounds" and a traceback.
+    _, out = dataset
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index", "duplicates"))
+    part = sorted((copy / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    bad = copy / "embeddings" / "part-zz-foreign.parquet"
+    pq.write_table(table.drop_columns(["feature_vector"]), bad)
+    capsys.readouterr()
+    main = {"index": index_main, "dedup": dedup_main}[command]
+    assert main([str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert bad.name in err[0] and "feature_vector" in err[0] and "Traceback" not in err[0]
