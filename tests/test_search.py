@@ -465,3 +465,48 @@ def test_dedup_searches_harder_than_the_tuned_queries(tmp_path):
             assert faiss.extract_index_ivf(index.index).nprobe == expected
         else:
             assert faiss.downcast_index(index.index).hnsw.efSearch == expected
+
+
+def test_search_returns_k_where_the_index_holds_k_rows(tmp_path):
+    # issue 25 (4): IVF16 tuned to a low nprobe on 3,000 rows returns fewer
+    # than k=200 rows from the probed lists; search fills the rest by
+    # searching harder, and leaves the tuned parameters as they were.
+    import faiss
+    data = unit(clustered(3000, d=32))
+    to = str(tmp_path / "ivf")
+    build_index(ArrayVectors(data), to, index_key="IVF16,Flat", progress=quiet)
+    index = SearchIndex.open(to)
+    index.params = {"nprobe": 1}
+    index._apply(index.params)  # pylint: disable=protected-access
+    queries = data[:20]
+    _, tuned_rows = index.search_rows(queries, 200)
+    assert ((tuned_rows >= 0).sum(axis=1) < 200).any()  # the tuned search falls short
+    found = index.search(queries, 200)
+    assert [len(n) for n in found] == [200] * 20
+    assert faiss.extract_index_ivf(index.index).nprobe == 1 and index.params == {"nprobe": 1}
+    for row in found:  # distinct rows, best first, scores as computed exactly
+        assert len({n.row for n in row}) == 200
+        scores = np.array([n.score for n in row])
+        assert (np.diff(scores) <= 1e-6).all()
+        np.testing.assert_allclose(scores, data[[n.row for n in row]] @ queries[found.index(row)],
+                                   atol=1e-4)
+
+
+@pytest.mark.parametrize("command", ["index", "dedup"])
+def test_a_part_without_feature_vectors_is_one_line_naming_it(dataset, tmp_path, capsys,
+                                                               command):
+    # issue 25: a part with the dataset's metadata but no feature_vector
+    # column ended `index` in "IndexError: index out of bounds" and a traceback.
+    _, out = dataset
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("index", "duplicates"))
+    part = sorted((copy / "embeddings").glob("*.parquet"))[0]
+    table = pq.read_table(part)
+    bad = copy / "embeddings" / "part-zz-foreign.parquet"
+    pq.write_table(table.drop_columns(["feature_vector"]), bad)
+    capsys.readouterr()
+    main = {"index": index_main, "dedup": dedup_main}[command]
+    assert main([str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert bad.name in err[0] and "feature_vector" in err[0] and "Traceback" not in err[0]

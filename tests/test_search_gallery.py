@@ -144,3 +144,31 @@ def test_short_names_keep_backslashes(page):
     from pipeline.search.gallery import _Page
     card = _Page().card("", "shop\\2024/red\\shoe.jpg", "label")
     assert '<div class="name" title="shop\\2024/red\\shoe.jpg">red\\shoe.jpg</div>' in card
+
+
+def test_a_query_image_that_cannot_be_read_is_exit_2_in_one_line(page, tmp_path, capsys):
+    # issue 25 (7): the README's exit-code table says 2, not a page showing
+    # the error inside it.
+    root, _ = page
+    to = tmp_path / "page.html"
+    capsys.readouterr()
+    code = gallery_main([str(root / "out"), "--image", "/nonexistent.jpg", "--to", str(to)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error:") and "/nonexistent.jpg" in err and "\n" not in err, err
+    assert not to.exists()
+
+
+def test_the_stale_notice_says_what_to_do_when_rows_were_removed(page, tmp_path):
+    # Minor (issue 25): "run index to add them" was said for removed rows too.
+    from pipeline.search import open_search
+    root, _ = page
+    out = tmp_path / "out"
+    shutil.copytree(root / "out", out)
+    parts = sorted((out / "embeddings").glob("*.parquet"))
+    assert parts
+    import pyarrow.parquet as pq
+    table = pq.read_table(parts[0])
+    pq.write_table(table.slice(0, table.num_rows - 1), parts[0])
+    stale = open_search(str(out)).stale
+    assert stale and "removed" in stale and "add them" not in stale, stale

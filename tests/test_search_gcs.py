@@ -51,3 +51,39 @@ def test_index_query_and_dedup_over_gs(gcs_emulator, tmp_path, capsys):
     assert len(exact) == 1 and {exact[0]["image_id_a"].rsplit("/", 1)[-1],
                                 exact[0]["image_id_b"].rsplit("/", 1)[-1]} == \
         {"coffee.png", "coffee_copy.png"}
+
+
+def test_a_reader_of_a_vanished_build_reads_the_new_one(gcs_emulator, tmp_path):
+    # issue 25 (3): a query that read the pointer just before `index
+    # --rebuild` removed that build copied a half-deleted folder (404). The
+    # replaced build now stays until the next run, and a reader whose build
+    # vanished reads the pointer again.
+    from pipeline.search.index import SearchIndex, download_index
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("astronaut.png", "coffee.png", "chelsea.png"):
+        shutil.copy(sample_photos() / name, photos / name)
+    local = tmp_path / "out"
+    assert run_job("--input", str(photos), "--output", str(local), "--model_source", "random") == 0
+    gcs_emulator.create_bucket(f"{BUCKET}-race")
+    gcs_emulator.upload_tree(local, f"{GS}-race/out")
+    index = f"{GS}-race/out/index"
+
+    def pointer():
+        return json.loads(gcs_emulator.read(f"{index}/index_infos.json"))
+
+    assert index_main([f"{GS}-race/out"]) == 0
+    first = pointer()
+    assert index_main([f"{GS}-race/out", "--rebuild"]) == 0
+    second = pointer()
+    assert second["files"] != first["files"]
+    assert gcs_emulator.list(f"{index}/{first['files']}/")  # kept for readers still copying
+    copy = download_index(index, first)
+    assert json.load(open(f"{copy}/index_infos.json"))["files"] == first["files"]
+
+    assert index_main([f"{GS}-race/out", "--rebuild"]) == 0
+    third = pointer()
+    assert not gcs_emulator.list(f"{index}/{first['files']}/")  # removed by this run
+    copy = download_index(index, first)  # the reader's pointer is stale: it retries
+    assert json.load(open(f"{copy}/index_infos.json"))["files"] == third["files"]
+    assert SearchIndex.open(index).ntotal == 3

@@ -24,6 +24,7 @@ def build_dataset_index(output: str, to: Optional[str] = None, index_key: str = 
     e.g. ["--runner", "DataflowRunner", ...] or ["--dry_run"]), Flat and
     HNSW in this process. Returns the index_infos.json written."""
     dataset = DatasetVectors(output)
+    dataset.check_parts()
     return build_index_beam(dataset, to or default_index_dir(dataset), index_key=index_key,
                             max_memory=max_memory, target_recall=target_recall,
                             rebuild=rebuild, shards=shards, beam_argv=beam_argv,

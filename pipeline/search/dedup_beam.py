@@ -661,7 +661,9 @@ def dedup_dataset(output: str, beam_run: BeamRun, to: Optional[str] = None,
 
     check_target(to)
     from pipeline.search.source import DatasetVectors
-    rows = DatasetVectors(output).num_rows()  # the dataset's checks, one line each
+    source = DatasetVectors(output)  # the dataset's checks, one line each
+    source.check_parts()
+    rows = source.num_rows()
     from transforms.dataset import FolderLock
     existed = FileSystems.exists(to) if is_local(to) else True
     lock = FolderLock(join(to, LOCK), redact(to))

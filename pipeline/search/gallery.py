@@ -137,6 +137,12 @@ def write_gallery(output: str, to: str, images: Optional[Sequence[str]] = None,
     dataset = searcher.dataset
     if images:
         results: list[QueryResult] = searcher.by_images(list(images), k)
+        failed = [r for r in results if r.error]
+        if failed:
+            # The exit-code table: a query image that cannot be read is exit 2,
+            # one line; no page is written that would look like a success.
+            more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise SearchError(f"{failed[0].error}{more}; nothing was written to {to}")
     else:
         results = searcher.by_ids(dataset.sample_ids(sample or DEFAULT_SAMPLE), k)
     clusters = _read_clusters(duplicates_dir or join(output, "duplicates"))

@@ -376,8 +376,37 @@ class SearchIndex:
         _, found = self.index.search(queries, candidates)
         return _rerank(queries, found, self.rerank_vectors, k)
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+    def search_rows_full(self, vectors: np.ndarray, k: int, max_factor: int = 1024
+                         ) -> tuple[np.ndarray, np.ndarray]:
+        """search_rows, and for each query that got fewer than min(k, ntotal)
+        rows (an IVF probing too few lists, too few re-ranked candidates) the
+        search again with the effort doubled, up to `max_factor` times the
+        tuned one (an IVF then probes every list). The tuned parameters are
+        restored afterwards."""
         scores, rows = self.search_rows(vectors, k)
+        want = min(k, self.ntotal)
+        short = np.flatnonzero((rows >= 0).sum(axis=1) < want)
+        if not len(short):
+            return scores, rows
+        tuned, per_k = dict(self.params), self.candidates_per_k
+        factor = 2
+        try:
+            while len(short) and factor <= max_factor:
+                self.params, self.candidates_per_k = dict(tuned), per_k
+                self.search_harder(factor)
+                s2, r2 = self.search_rows(np.asarray(vectors)[short], k)
+                scores[short], rows[short] = s2, r2
+                short = short[(r2 >= 0).sum(axis=1) < want]
+                factor *= 2
+        finally:
+            self.params, self.candidates_per_k = tuned, per_k
+            self._apply(tuned)
+        return scores, rows
+
+    def search(self, vectors: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+        """The k best rows of each query; where the tuned search finds fewer
+        than min(k, ntotal), it searches harder (search_rows_full)."""
+        scores, rows = self.search_rows_full(vectors, k)
         return [[Neighbor(self.image_ids[r].as_py(), self.uris[r].as_py(),
                           float(s), int(r)) for s, r in zip(srow, rrow) if r >= 0]
                 for srow, rrow in zip(scores, rows)]
@@ -461,28 +490,71 @@ def _local_folder(folder: str) -> str:
     """A local copy of a gs:// index folder (downloaded once per process)."""
     if not _is_remote(folder):
         return folder
-    if folder in _DOWNLOADED:
-        return _DOWNLOADED[folder]
+    if folder not in _DOWNLOADED:
+        _DOWNLOADED[folder] = download_index(folder)
+    return _DOWNLOADED[folder]
+
+
+class _BuildVanished(Exception):
+    """A build's files went away while they were copied (a rebuild's commit)."""
+
+
+def download_index(folder: str, infos: Optional[dict] = None, attempts: int = 5) -> str:
+    """A local copy of the build a gs:// index folder names. A reader never
+    sees a half-deleted build: when the build named by `infos` (default: the
+    pointer read now) vanishes while it is copied, because an `index
+    --rebuild` committed another, the pointer is read again and the build it
+    names now is copied (up to `attempts` times)."""
+    for _ in range(attempts):
+        if infos is None:
+            infos = _read_pointer(folder)
+        local = tempfile.mkdtemp(prefix="mobilenet-embed-index-")
+        try:
+            _download_build(folder, infos, local)
+            return local
+        except _BuildVanished:
+            shutil.rmtree(local, ignore_errors=True)
+            infos = None
+    raise SearchError(f"the index in {folder} was replaced {attempts} times while it was "
+                      "read (an `index` run committing builds); try again when it is done")
+
+
+def _read_pointer(folder: str) -> dict:
     from apache_beam.io.filesystems import FileSystems
-    local = tempfile.mkdtemp(prefix="mobilenet-embed-index-")
-    infos_uri = folder.rstrip("/") + "/" + INDEX_INFOS
+    infos_uri = _join(folder, INDEX_INFOS)
     if not FileSystems.exists(infos_uri):
         raise SearchError(f"no index in {folder} ({INDEX_INFOS} is missing); "
                           "build one with `mobilenet-embed index OUT`")
-    _copy_uri(infos_uri, os.path.join(local, INDEX_INFOS))
-    infos = read_infos(local)
-    os.makedirs(os.path.join(local, infos["files"]))
-    for m in FileSystems.match([f"{folder.rstrip('/')}/{infos['files']}/**"])[0].metadata_list:
+    probe = tempfile.mkdtemp(prefix="mobilenet-embed-index-")
+    try:
+        _copy_uri(infos_uri, os.path.join(probe, INDEX_INFOS))
+        return read_infos(probe)
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+def _download_build(folder: str, infos: dict, local: str) -> None:
+    from apache_beam.io.filesystems import FileSystems
+    files = infos["files"]
+    base = folder.rstrip("/")
+    os.makedirs(os.path.join(local, files))
+    found = FileSystems.match([f"{base}/{files}/**"])[0].metadata_list
+    if not any(m.path.endswith("/index.faiss") for m in found):
+        raise _BuildVanished(files)
+    for m in found:
         if "/shards/" in m.path and infos.get("layout") != "stacked":
             continue  # a merged Beam build's shards: only for growing it
-        if "/shards/" in m.path:
-            os.makedirs(os.path.join(local, infos["files"], "shards"), exist_ok=True)
-            _copy_uri(m.path, os.path.join(local, infos["files"], "shards",
-                                           m.path.rsplit("/", 1)[-1]))
-            continue
-        _copy_uri(m.path, os.path.join(local, infos["files"], m.path.rsplit("/", 1)[-1]))
-    _DOWNLOADED[folder] = local
-    return local
+        parts = [local, files] + (["shards"] if "/shards/" in m.path else [])
+        os.makedirs(os.path.join(*parts), exist_ok=True)
+        try:
+            _copy_uri(m.path, os.path.join(*parts, m.path.rsplit("/", 1)[-1]))
+        except Exception as e:  # pylint: disable=broad-except
+            if FileSystems.exists(m.path):
+                raise
+            raise _BuildVanished(files) from e
+    # The pointer this copy answers to (the build's own infos, if present).
+    with open(os.path.join(local, INDEX_INFOS), "w", encoding="utf-8") as f:
+        json.dump(infos, f)
 
 
 def _copy_uri(source: str, target: str) -> None:
@@ -874,9 +946,13 @@ def _commit(work: str, to: str, build_id: str, infos: dict) -> None:
             for name in names:
                 rel = os.path.relpath(os.path.join(root, name), top).replace(os.sep, "/")
                 _copy_uri(os.path.join(root, name), f"{base}/{build_id}/{rel}")
+        previous = read_infos_or_none(to)
+        keep = {build_id, previous["files"] if previous else build_id}
         _copy_uri(os.path.join(work, build_id, INDEX_INFOS), f"{base}/{INDEX_INFOS}")
+        # The build just replaced stays until the next run's start: a reader
+        # that read the old pointer a moment ago can still copy it.
         old = [m.path for m in FileSystems.match([f"{base}/build-*/**"])[0].metadata_list
-               if f"/{build_id}/" not in m.path]
+               if not any(f"/{b}/" in m.path for b in keep)]
         if old:
             FileSystems.delete(old)
         return

@@ -23,6 +23,7 @@ class QueryResult:
     query: str  # as given: a path/URI or an image id
     neighbors: list[Neighbor]
     error: Optional[str] = None
+    note: Optional[str] = None  # why fewer than k neighbours came back
 
     def to_json(self) -> dict:
         if self.error:
@@ -57,10 +58,16 @@ class Searcher:
                 f"the index was built from other vectors than {dataset.dataset.shown} "
                 f"holds now ({', '.join(differing)} differ); run "
                 "`mobilenet-embed index OUT --rebuild`")
-        if index.ntotal != dataset.num_rows():
+        rows = dataset.num_rows()
+        if index.ntotal < rows:
             # A resumed run added rows: still usable, but say so.
             self.stale = (f"the index has {index.ntotal} rows, the dataset "
-                          f"{dataset.num_rows()}: run `mobilenet-embed index` to add them")
+                          f"{rows}: run `mobilenet-embed index` to add them")
+        elif index.ntotal > rows:
+            # Parts were deleted: the index still finds rows no longer there.
+            self.stale = (f"the index has {index.ntotal} rows, the dataset only "
+                          f"{rows} (rows were removed): run `mobilenet-embed index` "
+                          "to remove them from the index")
         else:
             self.stale = None
         self._embedder: Optional[QueryEmbedder] = None
@@ -78,7 +85,8 @@ class Searcher:
             vectors = np.stack([found[i]["feature_vector"] for i in known])
             for image_id, neighbors in zip(known, self.index.search(vectors, k + 1)):
                 neighbors = [n for n in neighbors if n.image_id != image_id][:k]
-                results[image_id] = QueryResult(image_id, neighbors)
+                results[image_id] = QueryResult(image_id, neighbors,
+                                                note=self._fewer(len(neighbors), k, 1))
         return [results.get(i) or QueryResult(
             i, [], f"image id {i!r} is not in the dataset") for i in image_ids]
 
@@ -96,9 +104,22 @@ class Searcher:
             ok = [i for i, e in enumerate(errors) if e is None]
             found = self.index.search(vectors[ok], k) if ok else []
             by_pos = dict(zip(ok, found))
-            results.extend(QueryResult(u, by_pos.get(i, []), errors[i])
+            results.extend(QueryResult(u, by_pos.get(i, []), errors[i],
+                                       None if errors[i] else
+                                       self._fewer(len(by_pos.get(i, [])), k, 0))
                            for i, u in enumerate(chunk))
         return results
+
+    def _fewer(self, found: int, k: int, itself: int) -> Optional[str]:
+        """One line saying why a query got fewer than k neighbours."""
+        if found >= k:
+            return None
+        others = self.index.ntotal - itself
+        if found >= others:
+            return (f"{found} of --k {k} neighbours: the index holds only {others} "
+                    f"{'other ' if itself else ''}rows")
+        return (f"{found} of --k {k} neighbours: the index found no more even "
+                "searching every list")
 
 
 def open_search(output: str, index_dir: Optional[str] = None) -> Searcher:

@@ -29,6 +29,9 @@ def fixed_list_to_numpy(column) -> np.ndarray:
 QUERY_BATCH = 16  # images per model call when embedding query images
 
 
+VECTOR_COLUMNS = ("image_id", "uri", "feature_vector")
+
+
 class DatasetVectors:
     """A dataset's feature vectors as a `VectorSource`, plus row look-ups."""
 
@@ -92,6 +95,25 @@ class DatasetVectors:
                 start += rows
                 if start >= hi:
                     break
+
+    def check_parts(self, columns: Sequence[str] = VECTOR_COLUMNS) -> None:
+        """One SearchError naming the first part whose footer lacks one of
+        `columns` (a file with the dataset's metadata but no feature_vector,
+        written by another tool): found before any pipeline runs."""
+        from apache_beam.io.filesystems import FileSystems
+        for path in self.dataset.parts():
+            try:
+                with FileSystems.open(path) as f:
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except Exception as e:  # pylint: disable=broad-except
+                raise SearchError(f"{path} cannot be read as Parquet "
+                                  f"({type(e).__name__}: {str(e).strip()[:160]}); "
+                                  "remove it or embed it again") from None
+            missing = [c for c in columns if c not in names]
+            if missing:
+                raise SearchError(f"{path} has no {', '.join(missing)} column (it holds "
+                                  f"{', '.join(names[:8]) or 'no columns'}); remove it "
+                                  "or embed its images again")
 
     def iter_columns(self, columns: list[str], batch_size: int = 8192
                      ) -> Iterator[pa.RecordBatch]:
