@@ -166,6 +166,9 @@ def query_main(argv: list[str]) -> int:
     failed = [r for r in results if r.error]
     for r in failed:
         print(f"error: {r.error}", file=sys.stderr)
+    for r in results:  # fewer than k neighbours: say why, once per query
+        if not r.error and r.note:
+            _say(f"warning: {r.query}: {r.note}")
     if args.manifest:
         import pyarrow as pa
 

@@ -505,3 +505,18 @@ def test_qdrant_export_prints_no_beam_type_hint_warnings(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert export(ds, "--format", "qdrant", "--to", tmp_path / "q") == 0
     assert not [r for r in caplog.records if "type hint" in r.getMessage()]
+
+
+def test_a_part_without_feature_vectors_is_one_line_naming_it(data, tmp_path, capsys):
+    # issue 25: a part with the dataset's metadata but no feature_vector
+    # column ended `export` in a KeyError traceback.
+    copy = tmp_path / "out"
+    shutil.copytree(data["out"], copy)
+    part = sorted((copy / "embeddings").glob("*.parquet"))[0]
+    bad = copy / "embeddings" / "part-zz-foreign.parquet"
+    pq.write_table(pq.read_table(part).drop_columns(["feature_vector"]), bad)
+    capsys.readouterr()
+    assert export(copy, "--format", "vertex", "--to", tmp_path / "vx") == 2
+    line = one_line_error(capsys, bad.name, "feature_vector")
+    assert "Traceback" not in line
+    assert not (tmp_path / "vx").exists() or not os.listdir(tmp_path / "vx")

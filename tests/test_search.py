@@ -255,6 +255,20 @@ def test_query_by_id_prints_json_neighbours_equal_to_numpy(dataset, capsys):
     assert set(answer["neighbors"][0]) == {"image_id", "uri", "score"}
 
 
+def test_query_with_k_above_the_rows_says_why_fewer(dataset, capsys):
+    # issue 25 (4): fewer than k neighbours never pass without a word.
+    _, out = dataset
+    ids = read_embeddings(out).column("image_id").to_pylist()
+    capsys.readouterr()
+    assert query_main([str(out), "--id", ids[0], "--k", "500", "--json"]) == 0
+    captured = capsys.readouterr()
+    answer = json.loads(captured.out.strip())
+    assert len(answer["neighbors"]) == len(ids) - 1
+    assert "note" in answer and str(len(ids) - 1) in answer["note"]
+    (warning,) = captured.err.strip().splitlines()
+    assert warning.startswith("warning: ") and answer["note"] in warning
+
+
 def test_query_by_image_embeds_like_the_dataset(dataset, capsys):
     root, out = dataset
     capsys.readouterr()

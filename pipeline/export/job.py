@@ -27,6 +27,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipeline.export import target as targets
 from pipeline.search.beam import BeamRun, run_pipeline
 from pipeline.search.errors import SearchError
+from pipeline.search.source import DatasetVectors
 from transforms.dataset import Dataset, DatasetError
 from transforms.sinks.records import VectorRecord, folder_of, store_identity
 from transforms.uris import join
@@ -195,6 +196,8 @@ def export(output: str, fmt: str, to: str, beam_argv: Sequence[str] = (),
     except DatasetError as e:
         raise SearchError(str(e)) from None
     restricts = list(dict.fromkeys(restricts))
+    # Every part's footer holds the vectors (a foreign part: one line naming it).
+    DatasetVectors(output).check_parts()
     _check_columns(dataset, restricts, crowding)
     identity = store_identity(metadata, dataset.root, dataset_identity(dataset))
     store = _store(target, identity, table, restricts, crowding, index)

@@ -28,9 +28,12 @@ class QueryResult:
     def to_json(self) -> dict:
         if self.error:
             return {"query": self.query, "error": self.error, "neighbors": []}
-        return {"query": self.query, "neighbors": [
+        answer = {"query": self.query, "neighbors": [
             {"image_id": n.image_id, "uri": n.uri, "score": round(n.score, 6)}
             for n in self.neighbors]}
+        if self.note:
+            answer["note"] = self.note
+        return answer
 
 
 def default_index_dir(dataset: DatasetVectors) -> str:
