@@ -107,31 +107,9 @@ def _run(argv: list[str]) -> int:
 
 
 def _dry_run_flag(argv: list[str]) -> list[str]:
-    """Beam's --dry_run wants a value and reads any text, even "False", as
-    true: accept a bare --dry_run and make a false value mean no dry run."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--dry_run":
-            value = argv[i + 1] if i + 1 < len(argv) else ""
-            if value.lower() in _BOOLEANS:
-                i += 1
-            else:
-                value = "true"
-        elif arg.startswith("--dry_run="):
-            value = arg.split("=", 1)[1]
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        if _BOOLEANS.get(value.lower(), True):
-            out.append("--dry_run=True")
-        i += 1
-    return out
-
-
-_BOOLEANS = {"true": True, "1": True, "yes": True,
-             "false": False, "0": False, "no": False}
+    """The one --dry_run reading: pipeline.runner.dry_run_flag."""
+    from pipeline.runner import dry_run_flag
+    return dry_run_flag(argv)
 
 
 def _feast(argv: list[str]) -> int:

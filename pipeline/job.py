@@ -10,7 +10,6 @@ writing and not one made with another model or preprocessing.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as dt
 import json
@@ -32,7 +31,7 @@ from apache_beam.options.pipeline_options import (DirectOptions,
 
 import pipeline
 from pipeline import calibration
-from pipeline.console import root_cause
+from pipeline import runner as beam_runner
 from pipeline.options import EmbedOptions
 from schemas import METRICS_NAMESPACE, DatasetMetadata, ModelInfo
 from transforms import listing
@@ -49,7 +48,7 @@ from transforms.report import (PROGRESS_PREFIX, CountProgress,
 from transforms.uris import is_local, redact
 
 LOG = logging.getLogger("mobilenet_embed")
-LOCAL_RUNNERS = ("FnApiRunner",)
+LOCAL_RUNNERS = beam_runner.LOCAL_RUNNERS
 
 
 class JobError(Exception):
@@ -76,24 +75,8 @@ class Plan:
 
 # --- the steps of planning a run ----------------------------------------------------
 
-class _OptionsParser(argparse.ArgumentParser):
-    """Every PipelineOptions view's flags, to refuse what none of them knows
-    (Beam itself only warns and drops it) and to turn a bad value into one
-    line instead of a usage page."""
-
-    def add_value_provider_argument(self, *args, **kwargs):
-        return self.add_argument(*args, **kwargs)
-
-    def error(self, message):
-        raise JobError(message)
-
-
 def parse_options(argv: list[str]) -> tuple[PipelineOptions, EmbedOptions]:
-    parser = _OptionsParser(allow_abbrev=False, add_help=False)
-    views = {str(cls): cls for cls in PipelineOptions.__subclasses__()}
-    for cls in views.values():
-        cls._add_argparse_args(parser)  # pylint: disable=protected-access
-    _, unknown = parser.parse_known_args(argv)
+    unknown = beam_runner.unknown_beam_flags(argv, JobError)
     if unknown:
         raise JobError(f"unknown option(s): {' '.join(unknown)} (see "
                        "`mobilenet-embed run --help`; Beam's own options pass "
@@ -111,16 +94,7 @@ def parse_options(argv: list[str]) -> tuple[PipelineOptions, EmbedOptions]:
 
 
 def _choose_runner(options: PipelineOptions) -> str:
-    standard = options.view_as(StandardOptions)
-    # Beam's DirectRunner tries the Prism runner first, which downloads a
-    # binary at start: offline that fails or hangs. FnApiRunner is Beam's
-    # own local batch runner and needs no network.
-    if standard.runner in (None, "DirectRunner", "SwitchingDirectRunner"):
-        if standard.runner:
-            LOG.info("running %s as FnApiRunner (no Prism download)",
-                     standard.runner)
-        standard.runner = "FnApiRunner"
-    return standard.runner
+    return beam_runner.choose_runner(options)
 
 
 def model_spec(embed: EmbedOptions) -> ModelSpec:
@@ -234,13 +208,7 @@ def _process_layout(options: PipelineOptions, embed: EmbedOptions,
         return False
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
-    if not any(a.split("=")[0] in ("--direct_running_mode", "--direct_num_workers")
-               for a in argv):
-        workers = min(cores, max(1, int(
-            psutil.virtual_memory().available // _WORKER_MEMORY)))
-        if workers >= 2:
-            direct.direct_running_mode = "multi_processing"
-            direct.direct_num_workers = workers
+    beam_runner.local_workers(options, argv, _WORKER_MEMORY)
     if direct.direct_running_mode in (None, "in_memory"):
         # The launcher is the worker: TF must get its threads before it starts.
         configure_threads(embed.tf_intra_op_threads, embed.tf_inter_op_threads)
@@ -519,14 +487,16 @@ def _execute(plan_: Plan) -> int:
         if plan_.dry_run:
             LOG.info("dry run: the job graph was built; nothing was submitted")
             return 0
-        state = result.wait_until_finish()
+        state = beam_runner.wait_guarded(
+            result.wait_until_finish, "embedding",
+            "whole files already written are kept; a re-run resumes from them")
     except (KeyboardInterrupt, SystemExit):
         raise
     except Exception as e:  # pylint: disable=broad-except
         LOG.debug("the job failed", exc_info=True)
         LOG.error("the job failed: %s (whole files already written are kept; "
                   "a re-run resumes from them; --verbose for the traceback)",
-                  root_cause(e))
+                  beam_runner.failure_cause(e))
         return 3
     finally:
         if monitor:

@@ -200,7 +200,7 @@ def dedup_main(argv: list[str]) -> int:
     """mobilenet-embed dedup OUT: exact and near duplicates, pairs and clusters,
     as a Beam pipeline (Beam's options pass through: --runner DataflowRunner ...)."""
     from pipeline.search import parse_size
-    from pipeline.search.beam import BeamRun
+    from pipeline.runner import BeamRun
     from pipeline.search.dedup import DEFAULT_THRESHOLD
     from pipeline.search.dedup_beam import (BYTES_PER_PAIR, ROUNDS, SHARD_ROWS,
                                             dedup_dataset)

@@ -1,8 +1,8 @@
-"""The runner glue every search pipeline shares (pipeline/search/beam.py)."""
+"""The runner glue every pipeline shares (pipeline/runner.py)."""
 import apache_beam as beam
 import pytest
 
-from pipeline.search.beam import BeamRun, run_pipeline
+from pipeline.runner import BeamRun, run_pipeline
 from pipeline.search.errors import SearchError, SearchJobFailed
 
 

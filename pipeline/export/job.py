@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.export import target as targets
-from pipeline.search.beam import BeamRun, run_pipeline
+from pipeline.runner import BeamRun, run_pipeline
 from pipeline.search.errors import SearchError
 from pipeline.search.source import DatasetVectors
 from transforms.dataset import Dataset, DatasetError

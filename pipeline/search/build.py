@@ -477,7 +477,7 @@ def threads_per_worker(beam_run) -> Optional[int]:
 def _run(build, beam_run, what: str) -> bool:
     """run_pipeline with the worker processes' thread share in their
     environment (they are started with it; this process keeps its own)."""
-    from pipeline.search.beam import run_pipeline
+    from pipeline.runner import run_pipeline
     threads = threads_per_worker(beam_run) if (beam_run.local_workers or 0) > 1 else None
     if threads is None:
         return run_pipeline(build, beam_run, what)
@@ -511,7 +511,7 @@ def build_index_beam(source: PartedSource, to: str, index_key: str = "auto",
     and HNSW in this process (index_infos.json's `engine` says which).
     With --dry_run the graphs are built and nothing is run or written;
     the returned dict then has "dry_run": True."""
-    from pipeline.search.beam import BeamRun
+    from pipeline.runner import BeamRun
     if not 0 < target_recall <= 1:
         raise SearchError(f"--target_recall must be in (0, 1], got {target_recall}")
     if layout not in LAYOUTS:
@@ -541,7 +541,7 @@ def _choose(source, n: int, d: int, index_key: str, max_memory: int,
 
 
 def _dry_run(source, to, index_key, max_memory, shards, beam_run, progress) -> dict:
-    from pipeline.search.beam import run_pipeline
+    from pipeline.runner import run_pipeline
     parts = source.parts()
     n, d = sum(r for _, r in parts), source.dim
     if n == 0:

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.search.beam import BeamRun, run_pipeline
+from pipeline.runner import BeamRun, run_pipeline
 from pipeline.search.dedup import (CLUSTERS_SCHEMA, DEFAULT_THRESHOLD, PAIRS_SCHEMA,
                                    START_K, check_threshold)
 from pipeline.search.errors import SearchError, SearchJobFailed, check_local_target
