@@ -51,6 +51,22 @@ def _int8_spec(pixels: np.ndarray, seed: int = 5) -> ModelSpec:
                          tuple(PHOTOS), quantize.pixels_digest(pixels), settings, "test"))
 
 
+def _engine_outputs(data: bytes, path: str, pixels: np.ndarray) -> dict:
+    """Each engine's (logits, features) of `pixels` from the same int8 bytes.
+    OpenVINO under an ONEDNN_MAX_CPU_ISA cap below the CPU it detects itself
+    can refuse a primitive (measured: the float 'logits' FullyConnected under
+    AVX2 on an AVX-512 CPU); the job then leaves it out (`choose_engine`
+    records the error), so only there may it be missing. ONNX Runtime must
+    always run."""
+    outputs = {"onnxruntime": quantize.runner("onnxruntime", data)(pixels)}
+    try:
+        outputs["openvino"] = quantize.runner("openvino", data, path)(pixels)
+    except RuntimeError:
+        if not os.environ.get("ONEDNN_MAX_CPU_ISA"):
+            raise
+    return outputs
+
+
 def _project_warnings(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
             and r.name.startswith(("transforms", "mobilenet_embed", "pipeline"))]
@@ -87,12 +103,15 @@ def test_a_random_model_quantizes_once_and_both_engines_agree(cache):
     # rounding: measured min 0.966, median 0.98 between them here; on the
     # real weights see test_real_weights_pass_the_guard_and_keep_top1.)
     data = int8_file.read_bytes()
-    ort = quantize.runner("onnxruntime", data)(pixels)
-    ov = quantize.runner("openvino", data, str(int8_file))(pixels)
-    between = quantize.cosines(ort[1], ov[1])
-    assert between.min() > 0.95 and np.median(between) > 0.975
+    outputs = _engine_outputs(data, str(int8_file), pixels)
+    if "openvino" in outputs:
+        between = quantize.cosines(outputs["onnxruntime"][1], outputs["openvino"][1])
+        assert between.min() > 0.95 and np.median(between) > 0.975
+    else:  # the job measured it as failing and did not choose it
+        assert model.engine == "onnxruntime"
+        assert isinstance(model.quantization["engine_seconds_per_16"]["openvino"], str)
     fp32 = model.reference.predict(pixels)
-    for features in (ort[1], ov[1]):
+    for _, features in outputs.values():
         assert np.median(quantize.cosines(fp32[1], features)) > 0.975
 
     # A second load (another process, a worker) reuses the cached model:
@@ -248,11 +267,13 @@ def test_real_weights_keep_top1_in_int8_or_fall_back_to_fp32(cache, monkeypatch,
     # Both engines, on the real weights, agree with each other and with fp32.
     qfile = str(next(cache.glob("graphs/*.int8-*.onnx")))
     data = open(qfile, "rb").read()
-    sample = pixels[:48]
-    ort = quantize.runner("onnxruntime", data)(sample)
-    ov = quantize.runner("openvino", data, qfile)(sample)
-    assert quantize.cosines(ort[1], ov[1]).min() > 0.97
-    assert (ort[0].argmax(1) == ov[0].argmax(1)).mean() >= 0.9
+    outputs = _engine_outputs(data, qfile, pixels[:48])
+    if "openvino" in outputs:
+        ort, ov = outputs["onnxruntime"], outputs["openvino"]
+        assert quantize.cosines(ort[1], ov[1]).min() > 0.97
+        assert (ort[0].argmax(1) == ov[0].argmax(1)).mean() >= 0.9
+    else:
+        assert decision.model.engine == "onnxruntime"
 
 
 def test_the_quantizer_settings_follow_the_cpu(monkeypatch):
