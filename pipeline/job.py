@@ -208,7 +208,7 @@ def _process_layout(options: PipelineOptions, embed: EmbedOptions,
         return False
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
-    beam_runner.local_workers(options, argv, _WORKER_MEMORY)
+    beam_runner.local_workers(options, argv, _WORKER_MEMORY, runner)
     if direct.direct_running_mode in (None, "in_memory"):
         # The launcher is the worker: TF must get its threads before it starts.
         configure_threads(embed.tf_intra_op_threads, embed.tf_inter_op_threads)

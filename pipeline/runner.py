@@ -123,11 +123,13 @@ def choose_runner(options: PipelineOptions) -> str:
 
 
 def local_workers(options: PipelineOptions, argv: list[str],
-                  memory_per_worker: float) -> Optional[int]:
+                  memory_per_worker: float,
+                  runner: Optional[str] = None) -> Optional[int]:
     """On a local runner, one worker process per core as memory allows
     (unless --direct_running_mode/--direct_num_workers say otherwise); the
-    number of worker processes, None on a remote runner."""
-    if options.view_as(StandardOptions).runner not in LOCAL_RUNNERS:
+    number of worker processes, None on a remote runner. `runner`: the one
+    chosen already, where the options do not name it yet."""
+    if (runner or options.view_as(StandardOptions).runner) not in LOCAL_RUNNERS:
         return None
     direct = options.view_as(DirectOptions)
     cores = os.cpu_count() or 1
