@@ -5,6 +5,7 @@ feature repository over the dataset). Exit codes as the search commands:
 from __future__ import annotations
 
 import argparse
+import shlex
 
 from pipeline.search.errors import SearchError
 from pipeline.search_cli import _errors_as_exit_2, _say
@@ -80,6 +81,6 @@ def feast_main(argv: list[str]) -> int:
     repo = write_repo(args.output, args.to, project=args.project, overwrite=args.overwrite)
     print(f"Feast repository {repo['repo']}: feature view {repo['view']} over "
           f"{repo['rows']} rows ({repo['dimensions']} dims) in {repo['source']}\n"
-          f"next: cd {repo['repo']} && feast apply && "
+          f"next: cd {shlex.quote(str(repo['repo']))} && feast apply && "
           f"feast materialize-incremental $(date -u +%Y-%m-%dT%H:%M:%S)")
     return 0

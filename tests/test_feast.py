@@ -113,3 +113,17 @@ def test_feast_repo_refuses_foreign_files_and_bad_targets(dataset, capsys):
     assert feast_main([str(out), "--to", str(mine), "--overwrite"]) == 0
     # its own files are replaced without --overwrite
     assert feast_main([str(out), "--to", str(mine)]) == 0
+
+
+def test_the_next_hint_is_shell_quoted(dataset, capsys):
+    # issue 25 (minor): a repository path with spaces or quotes must paste
+    # into a shell as one word.
+    root, out = dataset
+    repo = root / "my repo's \"feast\""
+    capsys.readouterr()
+    assert feast_main([str(out), "--to", str(repo)]) == 0
+    (hint,) = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("next: ")]
+    import shlex
+    words = shlex.split(hint[len("next: "):])
+    assert words[:2] == ["cd", str(repo)] and words[2] == "&&"
