@@ -52,14 +52,14 @@ def _labels() -> dict[str, int]:
 
 
 def _images_per_s(run, pixels: np.ndarray, repeats: int) -> float:
-    from transforms.model import quantize
-    return round(len(pixels) / quantize.time_runner(run, pixels, repeats), 1)
+    from transforms.model import engines
+    return round(len(pixels) / engines.time_runner(run, pixels, repeats), 1)
 
 
 def model_figures(name: str, real: bool, photos: list[Path], quick: bool) -> dict:
     from pipeline import calibration
     from transforms.decode import DecodeLimits, PreprocessSettings, decode_sample
-    from transforms.model import catalog, onnx_runtime, quantize
+    from transforms.model import catalog, engines, onnx_runtime, quantize
     from transforms.model.loading import ModelSpec
 
     size = catalog.get_variant(name).input_size
@@ -91,9 +91,9 @@ def model_figures(name: str, real: bool, photos: list[Path], quick: bool) -> dic
     batch = np.ascontiguousarray(pixels[:BATCH])
     raw = {}
     repeats = 3 if quick else 5
-    for engine in quantize.ENGINES:
-        r32 = quantize.runner(engine, fp32_file.read_bytes(), str(fp32_file))
-        r8 = quantize.runner(engine, qfile.read_bytes(), str(qfile))
+    for engine in engines.ENGINES:
+        r32 = engines.runner(engine, fp32_file.read_bytes(), str(fp32_file))
+        r8 = engines.runner(engine, qfile.read_bytes(), str(qfile))
         # Alternate, so a burst of load on the shared machine hits both.
         f, i = [], []
         for _ in range(2):

@@ -112,11 +112,15 @@ def model_spec(embed: EmbedOptions) -> ModelSpec:
         raise JobError("--calibration_input calibrates int8: use it with "
                        "--precision int8 or auto")
     try:
+        # The batch the engines are timed at: the job's largest.
+        batch = embed.max_batch_size or max(embed.min_batch_size, default_max_batch_size(
+            catalog.get_variant(embed.model).input_size))
         return ModelSpec(variant=embed.model, source=source,
                          handle=embed.model_handle,
                          feature_handle=embed.feature_vector_handle,
                          hub_version=embed.hub_version, seed=embed.seed,
-                         runtime=embed.runtime)
+                         runtime=embed.runtime,
+                         batch_size=batch)
     except (ValueError, catalog.UnknownModelError) as e:
         raise JobError(str(e)) from None
 
@@ -296,9 +300,9 @@ def _fp32_model_info(spec: ModelSpec, in_process: bool
              model.runtime, model.weights_sha256[:16])
     workers = spec
     if not in_process and spec.runtime == "auto":
-        chosen = ("onnxruntime" if model.runtime.startswith("onnxruntime")
-                  else "tensorflow")
-        workers = dataclasses.replace(spec, runtime=chosen)
+        # Local workers share this machine: they run the engine measured
+        # here (and still check its parity) instead of timing again.
+        workers = dataclasses.replace(spec, runtime=model.engine or "tensorflow")
     return model.info(), workers
 
 

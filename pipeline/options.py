@@ -159,12 +159,14 @@ class EmbedOptions(PipelineOptions):
         run.add_argument(
             "--runtime", default="auto", choices=RUNTIMES,
             help="What runs the model (TensorFlow always loads it). auto: "
-                 "ONNX Runtime (its CUDA provider where onnxruntime-gpu and "
-                 "a GPU are there), after checking its outputs against "
-                 "TensorFlow's on a probe batch; TensorFlow where they differ "
-                 "or the conversion fails (one warning says why), or where "
-                 "a GPU is present that only TensorFlow can use. "
-                 "onnxruntime or tensorflow: that one, no fallback.")
+                 "the faster here of ONNX Runtime (its CUDA provider where "
+                 "onnxruntime-gpu and a GPU are there) and OpenVINO, each "
+                 "checked against TensorFlow's outputs on a probe batch and "
+                 "timed at the job's batch and threads (the choice cached per "
+                 "machine, recorded in the metadata); TensorFlow where none "
+                 "matches or the conversion fails (one warning says why), or "
+                 "where a GPU is present that only TensorFlow can use. "
+                 "onnxruntime, openvino or tensorflow: that one, no fallback.")
         run.add_argument(
             "--precision", default="fp32", choices=PRECISIONS,
             help="fp32, or int8: the model quantized statically (calibrated "

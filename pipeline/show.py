@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
               f"{meta.model.model_handle}), weights sha256 "
               f"{meta.model.weights_sha256[:16]}..., features {meta.feature_dim}")
         print(f"precision {_precision(meta.model)}")
+        print(f"engine {_engine(meta.model)}")
     shown = 0
     for batch in dataset.iter_batches(["image_id", "top5_labels",
                                        "top5_probabilities", "feature_vector"],
@@ -48,6 +49,25 @@ def main(argv: list[str]) -> int:
         if failed >= args.limit:
             break
     return 0
+
+
+def _engine(model) -> str:
+    """'openvino (timed here: onnxruntime 1.92 ms/image, openvino 1.50 ...)'."""
+    try:
+        choice = json.loads(model.engine_choice) if model.engine_choice else {}
+    except ValueError:
+        choice = {}
+    engine = model.engine or "not recorded (written before engines were recorded)"
+    if not choice:
+        return f"{engine} ({model.runtime})" if model.runtime else engine
+    timed = ", ".join(
+        f"{e} {choice.get('ms_per_image', {})[e]} ms/image" if e in choice.get(
+            "ms_per_image", {}) else f"{e} left out ({s})"
+        for e, s in choice.get("seconds_per_batch", {}).items())
+    how = "cached for this machine" if choice.get("cached") else "measured"
+    cpu = (choice.get("machine") or {}).get("cpu", "?")
+    return (f"{engine} ({how} on {cpu}, batch {choice.get('batch')}: {timed})"
+            if timed else f"{engine} ({how} on {cpu})")
 
 
 def _precision(model) -> str:

@@ -14,7 +14,8 @@ import os
 import socket
 
 from transforms.model import catalog
-from transforms.model.loading import ModelSpec, _resolve_hub
+from transforms.model.sources import resolve_hub
+from transforms.model.spec import ModelSpec
 
 LOG = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def main(argv: list[str]) -> int:
     spec = ModelSpec(variant=args.model, source="tfhub",
                      hub_version=args.hub_version)
     handles = spec.hub_handles()
-    local = [_resolve_hub(handle, spec) for handle in handles]
+    local = [resolve_hub(handle, spec) for handle in handles]
     for handle, path in zip(handles, local):
         print(f"{handle} -> {path}")
     if args.to:

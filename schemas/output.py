@@ -37,7 +37,8 @@ META_KEYS = (
     "feature_dim",
     "runtime",  # what ran the model, its version, the parity figures
     "precision",  # fp32 | int8 (part of the identity)
-    "engine",  # what ran the int8 model (onnxruntime | openvino); "" for fp32
+    "engine",  # what ran the model: onnxruntime | openvino | tensorflow
+    "engine_choice",  # JSON: the engines' timings here, the machine, cached or not
     "quantization",  # JSON: calibration record, guard figures, engine timings
     "preprocessing",  # JSON of the decode/resize settings
     "labels",  # the label set of `top5_labels`
@@ -62,15 +63,21 @@ class ModelInfo:
     # against fp32 by the accuracy guard. Part of the identity: int8 and fp32
     # rows are not mixed in one dataset.
     precision: str = "fp32"
-    engine: str = ""  # int8 only: onnxruntime | openvino, chosen by timing
+    # onnxruntime | openvino | tensorflow: measured fastest within parity on
+    # the machine that loaded it ("" in files written before it was recorded).
+    engine: str = ""
     # int8 only: JSON of the calibration record (images, pixel digest), the
     # guard's figures and limits, and the engines' timings.
     quantization: str = ""
+    # JSON of `engines.Choice.to_dict`: the engines' seconds per probe batch
+    # (or why one was left out), the batch, the machine (CPU model, flags
+    # digest, ISA cap, versions, threads) and whether the choice was cached.
+    engine_choice: str = ""
 
 
 # ModelInfo's fields that files written before they existed lack.
 _MODEL_DEFAULTS = {"runtime": "", "precision": "fp32", "engine": "",
-                   "quantization": ""}
+                   "quantization": "", "engine_choice": ""}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from jobs import matrix, read_embeddings, run_job, sample_photos, summary
 from model_fixtures import build_tf1_hub_module, seed_tfhub_cache
 from paths import SAMPLE, SHARED_MODEL
 from pipeline.cli import main
-from transforms.model import loading
+from transforms.model import loading, sources
 
 BUCKET = "embed-test"
 GS = f"gs://{BUCKET}"
@@ -267,7 +267,7 @@ def reads_per_copy(bucket, tmp_path_factory):
     os.environ["MOBILENET_EMBED_CACHE_DIR"] = str(tmp_path_factory.mktemp("probe"))
     try:
         mark = bucket.mark()
-        loading._local_copy(f"{GS}/models/tiny-probe", _tiny_spec("tiny-probe"))
+        sources.local_copy(f"{GS}/models/tiny-probe", _tiny_spec("tiny-probe"))
         reads = collections.Counter(r.split("/", 2)[2]
                                     for r in bucket.media_reads(mark))
     finally:
@@ -492,7 +492,7 @@ def test_fetch_model_stages_both_heads_of_version_4(bucket, tmp_path, monkeypatc
     for head in ("classification", "feature_vector"):
         assert f"{target}/{head}/saved_model.pb" in staged
     # The layout --model_handle reads back: both heads found and copied.
-    paths = loading._resolve_saved_model(loading.ModelSpec(
+    paths = sources.resolve_saved_model(loading.ModelSpec(
         source="saved_model", handle=target))
     assert [Path(p).name for p in paths] == ["classification", "feature_vector"]
     for p in paths:

@@ -15,7 +15,7 @@ from jobs import read_embeddings, run_job, sample_photos
 from paths import SAMPLE, SHARED_MODEL, needs_shared
 from pipeline import calibration
 from transforms.decode import DecodeLimits, PreprocessSettings, decode_sample
-from transforms.model import loading, quantize
+from transforms.model import engines, loading, quantize
 from transforms.model.loading import ModelSpec, QuantizationError
 
 SMALL = "mobilenet_v2_035_96"
@@ -55,12 +55,12 @@ def _engine_outputs(data: bytes, path: str, pixels: np.ndarray) -> dict:
     """Each engine's (logits, features) of `pixels` from the same int8 bytes.
     OpenVINO under an ONEDNN_MAX_CPU_ISA cap below the CPU it detects itself
     can refuse a primitive (measured: the float 'logits' FullyConnected under
-    AVX2 on an AVX-512 CPU); the job then leaves it out (`choose_engine`
+    AVX2 on an AVX-512 CPU); the job then leaves it out (`engines.choose`
     records the error), so only there may it be missing. ONNX Runtime must
     always run."""
-    outputs = {"onnxruntime": quantize.runner("onnxruntime", data)(pixels)}
+    outputs = {"onnxruntime": engines.runner("onnxruntime", data)(pixels)}
     try:
-        outputs["openvino"] = quantize.runner("openvino", data, path)(pixels)
+        outputs["openvino"] = engines.runner("openvino", data, path)(pixels)
     except RuntimeError:
         if not os.environ.get("ONEDNN_MAX_CPU_ISA"):
             raise
@@ -76,9 +76,9 @@ def test_a_random_model_quantizes_once_and_both_engines_agree(cache):
     pixels = _photos_at(96)
     spec = _int8_spec(pixels)
     model = loading.load_model(spec, calibration_pixels=lambda: pixels)
-    assert model.precision == "int8" and model.engine in quantize.ENGINES
+    assert model.precision == "int8" and model.engine in engines.ENGINES
     assert model.quantization["quantized_now"] is True
-    assert set(model.quantization["engine_seconds_per_16"]) == set(quantize.ENGINES)
+    assert set(model.choice["seconds_per_batch"]) == set(engines.ENGINES)
     # Cached beside the fp32 conversion, under its key plus the calibration's.
     (fp32_file,) = [f for f in (cache / "graphs").glob("*.onnx-*.onnx")
                     if ".int8-" not in f.name]
@@ -123,7 +123,7 @@ def test_a_random_model_quantizes_once_and_both_engines_agree(cache):
     again = loading.load_model(spec, calibration_pixels=must_not_decode)
     assert again.quantization["quantized_now"] is False
     np.testing.assert_allclose(again.predict(pixels[:4])[1],
-                               quantize.runner(again.engine, data, str(int8_file))(
+                               engines.runner(again.engine, data, str(int8_file))(
                                    pixels[:4])[1], atol=1e-5)
 
 
@@ -156,7 +156,7 @@ def test_int8_job_records_precision_refuses_mixing_and_queries_in_int8(
               "--model", SMALL, "--model_source", "random", "--seed", "7"]
     assert run_job(*common, "--precision", "int8") == 0
     meta = json.loads((out / "_dataset.json").read_text())
-    assert meta["precision"] == "int8" and meta["engine"] in quantize.ENGINES
+    assert meta["precision"] == "int8" and meta["engine"] in engines.ENGINES
     record = json.loads(meta["quantization"])
     assert record["guard"]["passed"] and record["guard"]["images"] >= 4
     assert record["calibration"]["images"] == len(record["calibration"]["uris"]) > 10
@@ -198,9 +198,9 @@ def test_guard_failure_falls_back_to_fp32_with_one_warning(cache, tmp_path,
     warnings = _project_warnings(caplog)
     assert len(warnings) == 1 and "accuracy guard failed" in warnings[0], warnings
     meta = json.loads((out / "_dataset.json").read_text())
-    assert meta["precision"] == "fp32" and meta["engine"] == ""
+    assert meta["precision"] == "fp32" and meta["engine"] in engines.ENGINES
     assert "accuracy guard failed" in json.loads(meta["quantization"])["fp32_because"]
-    assert meta["runtime"].startswith("onnxruntime")
+    assert meta["runtime"].startswith(meta["engine"])
 
 
 @pytest.mark.parametrize("args, message", [

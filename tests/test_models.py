@@ -274,7 +274,7 @@ def test_frozen_graph_cache_is_reused_and_survives_damage(tmp_path, monkeypatch)
     first = loading._load_uncached(spec)
     (entry,) = (tmp_path / "cache" / "graphs").glob("*.pb")
     built = []
-    monkeypatch.setattr(loading, "_freeze_saved_models",
+    monkeypatch.setattr(loading, "freeze_saved_models",
                         lambda *a: built.append(a) or pytest.fail("rebuilt"))
     second = loading._load_uncached(spec)  # from the cache: nothing rebuilt
     assert not built and second.heads == first.heads
@@ -301,9 +301,12 @@ def test_launcher_model_info_comes_from_the_cache_without_loading(tmp_path, monk
         assert loading.cached_info(spec) is None  # not loaded yet
         loaded = loading._load_uncached(spec)
         cached = loading.cached_info(spec)
-        # The same record; the runtime is the workers' to say (their device).
-        assert dataclasses.replace(cached, runtime="") == \
-            dataclasses.replace(loaded.info(), runtime="")
+        # The same record; the runtime and engine are the workers' to say
+        # (their device, their CPU's measurement).
+        worker_side = dict(runtime="", engine="", engine_choice="")
+        assert dataclasses.replace(cached, **worker_side) == \
+            dataclasses.replace(loaded.info(), **worker_side)
+        assert cached.engine == ""
         assert cached.runtime.startswith("tensorflow ")
     # Other weights in the same folder: the cache entry no longer applies.
     other = build_tf1_hub_module(str(tmp_path / "m2"), size=96, feature_dim=1280,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 
 from jobs import (files_under, matrix, read_embeddings, read_errors, run_job,
                   sample_photos, summary)
-from paths import SAMPLE, SHARED_MODEL, needs_shared
+from paths import ROOT, SAMPLE, SHARED_MODEL, needs_shared
 from transforms.model import catalog
 from schemas import embeddings_schema, read_metadata
 
@@ -38,8 +39,17 @@ def sample_run(request, tmp_path_factory):
                    "--runtime", runtime)
     assert code == 0
     meta = read_metadata(pq.read_schema(next(output.glob("embeddings/*.parquet"))))
-    assert meta.model.runtime.startswith(
-        "tensorflow" if runtime == "tensorflow" else "onnxruntime"), meta.model.runtime
+    expected = ("tensorflow",) if runtime == "tensorflow" else ("onnxruntime", "openvino")
+    assert meta.model.engine in expected and meta.model.runtime.startswith(
+        meta.model.engine), meta.model.runtime
+    if runtime == "auto":  # measured here: both timed, the faster within parity kept
+        choice = json.loads(meta.model.engine_choice)
+        assert choice["chosen"] == meta.model.engine
+        timed = {e: s for e, s in choice["seconds_per_batch"].items() if isinstance(s, float)}
+        assert meta.model.engine == min(timed, key=timed.get)
+        shown = subprocess.run([sys.executable, "-m", "pipeline", "show", str(output)],
+                               capture_output=True, text=True, cwd=ROOT)
+        assert f"engine {meta.model.engine} (" in shown.stdout and "ms/image" in shown.stdout
     return output
 
 

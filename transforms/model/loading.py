@@ -1,119 +1,43 @@
 """Load a MobileNetV2 from its source into one callable giving both outputs.
 
-Sources, chosen explicitly by the user:
+Sources, chosen explicitly by the user (`sources`):
   tfhub        the catalog's TF-Hub handle (or a handle URL the user gives),
                resolved and cached by tensorflow_hub (TFHUB_CACHE_DIR honoured)
   saved_model  a SavedModel directory, local or gs://, in either TF-Hub layout
+               (`savedmodels`)
   random       the architecture built in-process with seeded random weights
 
-Layouts understood (whatever the source):
-  /3   one module with signatures `image_classification` and
-       `image_feature_vector` (outputs under `default`). A TF1 Hub module is
-       pruned to fetch both tensors from one graph call; a TF2 export of the
-       same signatures is fused by `fusion.fuse_heads`.
-  /4-/5  one callable SavedModel per head (classification/, feature_vector/);
-       the two are fused into one graph by `fusion.fuse_heads`.
-
-Every path ends in one frozen two-output graph (cached on disk), run by
-ONNX Runtime after a parity check against TensorFlow, or by TensorFlow
-(`ModelSpec.runtime`; see `onnx_runtime`), and in `LoadedModel`: uint8
-pixels [N, H, W, 3] in, float32 (logits [N, 1001], features [N, d]) out,
-plus what to record about it (`runtime`, `parity`).
+Every path ends in one frozen two-output graph (cached on disk, `graphs`),
+converted to ONNX once (`onnx_runtime`) and run by the engine measured
+fastest on this machine among those whose outputs match TensorFlow's on a
+probe batch (`engines`: ONNX Runtime, OpenVINO), or by TensorFlow
+(`ModelSpec.runtime`), and in `LoadedModel`: uint8 pixels [N, H, W, 3] in,
+float32 (logits [N, 1001], features [N, d]) out, plus what to record about
+it (`runtime`, `engine`, `choice`, `parity`).
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import threading
-import uuid
 from typing import Callable, Optional
 
 import numpy as np
 
 from schemas import ModelInfo
-from transforms.model import catalog, onnx_runtime, quantize
+from transforms.model import catalog, engines, graphs, onnx_runtime, quantize
+from transforms.model.cache import first_line, version
+from transforms.model.savedmodels import freeze_saved_models, weights_digest
+from transforms.model.sources import resolve_model
+from transforms.model.spec import (RUNTIMES, SOURCES, ModelSpec, ModelUnavailableError,
+                                   QuantizationError)
 
 LOG = logging.getLogger(__name__)
-SOURCES = ("tfhub", "saved_model", "random")
-# auto: ONNX Runtime where its outputs match TensorFlow's (else TensorFlow);
-# the other two force one runtime.
-RUNTIMES = ("auto", "onnxruntime", "tensorflow")
-_CLS_SIG, _FV_SIG = "image_classification", "image_feature_vector"
-
-
-class ModelUnavailableError(RuntimeError):
-    """The model cannot be had; the message says what was tried and what to do."""
-
-
-class QuantizationError(RuntimeError):
-    """The int8 model cannot be had (conversion, calibration or engines
-    failed); the launcher falls back to fp32, a worker fails."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What to load: small and picklable, so workers can load it themselves."""
-    variant: str = catalog.DEFAULT_MODEL
-    source: str = "tfhub"
-    handle: Optional[str] = None  # tfhub: a handle URL; saved_model: path/URI
-    feature_handle: Optional[str] = None  # /4-/5: the feature-vector model
-    hub_version: int = catalog.DEFAULT_HUB_VERSION
-    seed: int = 0  # random source only
-    runtime: str = "auto"  # one of RUNTIMES
-    # fp32, or int8 (the launcher resolves --precision auto to one of them):
-    # int8 needs `calibration`, and runs on `engine` (auto: the faster one,
-    # timed at load).
-    precision: str = "fp32"
-    engine: str = "auto"
-    calibration: Optional[quantize.Calibration] = None
-
-    def __post_init__(self):
-        catalog.get_variant(self.variant)  # clear error for unknown names
-        if self.precision not in ("fp32", "int8"):
-            raise ValueError(f"unknown precision {self.precision!r}; use fp32 "
-                             "or int8")
-        if self.engine not in ("auto",) + quantize.ENGINES:
-            raise ValueError(f"unknown int8 engine {self.engine!r}")
-        if self.precision == "int8" and self.calibration is None:
-            raise ValueError("int8 needs a calibration sample")
-        if self.precision == "int8" and self.runtime == "tensorflow":
-            raise ValueError("--precision int8 runs on ONNX Runtime or "
-                             "OpenVINO, not on --runtime tensorflow")
-        if self.runtime not in RUNTIMES:
-            raise ValueError(f"unknown runtime {self.runtime!r}; use one of "
-                             f"{', '.join(RUNTIMES)}")
-        if self.source not in SOURCES:
-            raise ValueError(f"unknown model source {self.source!r}; use one "
-                             f"of {', '.join(SOURCES)}")
-        if self.source == "saved_model" and not self.handle:
-            raise ValueError("the saved_model source needs --model_handle")
-        if self.hub_version not in catalog.HUB_VERSIONS:
-            raise ValueError(f"TF-Hub version must be one of "
-                             f"{catalog.HUB_VERSIONS}, not {self.hub_version}")
-
-    def hub_handles(self) -> list[str]:
-        """The TF-Hub handles to fetch, classification first."""
-        if self.handle:
-            return [self.handle] + ([self.feature_handle]
-                                    if self.feature_handle else [])
-        variant = catalog.get_variant(self.variant)
-        if self.hub_version == 3:
-            # The /3 classification module carries both signatures.
-            return [variant.hub_handle("classification", 3)]
-        return [variant.hub_handle("classification", self.hub_version),
-                variant.hub_handle("feature_vector", self.hub_version)]
-
-    def describe(self) -> str:
-        if self.source == "random":
-            return f"random(seed={self.seed})"
-        if self.source == "tfhub":
-            return " + ".join(self.hub_handles())
-        return " + ".join(h for h in (self.handle, self.feature_handle) if h)
+__all__ = ["LoadedModel", "ModelSpec", "ModelUnavailableError", "QuantizationError",
+           "RUNTIMES", "SOURCES", "cached_info", "gpu_present", "load_model",
+           "padded_batch_sizes", "resolve_model"]
 
 
 @dataclasses.dataclass
@@ -131,10 +55,13 @@ class LoadedModel:
     # fallback: ..." saying why TensorFlow runs it.
     runtime: str = ""
     parity: Optional["onnx_runtime.Parity"] = None  # where ONNX Runtime was tried
-    # int8 only: the engine, what to record about the quantization (the
-    # calibration, the engines' timings; the launcher adds the guard's
-    # figures), and the fp32 model it came from, for the guard.
+    # The engine that runs it (onnxruntime | openvino | tensorflow) and how
+    # it was chosen (`engines.Choice.to_dict`: the timings, the machine).
     engine: str = ""
+    choice: Optional[dict] = None
+    # int8 only: what to record about the quantization (the calibration;
+    # the launcher adds the guard's figures), and the fp32 model it came
+    # from, for the guard.
     quantization: Optional[dict] = None
     reference: Optional["LoadedModel"] = None
 
@@ -170,12 +97,15 @@ class LoadedModel:
                 np.concatenate([p[1] for p in parts]))
 
     def info(self) -> ModelInfo:
-        info = _info(self.spec, self.weights_sha256, self.heads,
-                     self.feature_dim, self.runtime)
+        info = dataclasses.replace(
+            _info(self.spec, self.weights_sha256, self.heads, self.feature_dim,
+                  self.runtime),
+            engine=self.engine,
+            engine_choice=json.dumps(self.choice, sort_keys=True) if self.choice else "")
         if self.precision != "int8":
             return info
         return dataclasses.replace(
-            info, precision="int8", engine=self.engine,
+            info, precision="int8",
             quantization=json.dumps(self.quantization or {}, sort_keys=True))
 
 
@@ -220,16 +150,6 @@ def load_model(spec: ModelSpec, paths: Optional[list[str]] = None,
         return _CACHE[spec]
 
 
-def resolve_model(spec: ModelSpec) -> list[str]:
-    """The local SavedModel folders of `spec` (none for random weights):
-    fetched through TF-Hub's cache or copied from gs:// where needed."""
-    if spec.source == "random":
-        return []
-    if spec.source == "tfhub":
-        return [_resolve_hub(h, spec) for h in spec.hub_handles()]
-    return _resolve_saved_model(spec)
-
-
 def _load_uncached(spec: ModelSpec, paths: Optional[list[str]] = None,
                    calibration_pixels=None) -> LoadedModel:
     variant = catalog.get_variant(spec.variant)
@@ -244,116 +164,7 @@ def _load_uncached(spec: ModelSpec, paths: Optional[list[str]] = None,
     except Exception as e:  # a damaged or foreign SavedModel
         raise ModelUnavailableError(
             f"could not load {spec.describe()} (from {', '.join(paths)}): "
-            f"{type(e).__name__}: {_first_line(e)}") from e
-
-
-# --- sources -----------------------------------------------------------------
-
-def _offline_help(spec: ModelSpec) -> str:
-    variant = catalog.get_variant(spec.variant)
-    return (
-        "To run without access to TF-Hub, download the module where you have "
-        f"internet ({variant.hub_handle('classification', 3)}"
-        "?tf-hub-format=compressed is a .tar.gz), unpack it and pass "
-        "--model_handle /path/to/dir (or gs://bucket/dir); or point "
-        "TFHUB_CACHE_DIR at a cache that already holds it; or pass "
-        "--model_source random for a smoke run with random weights.")
-
-
-def _resolve_hub(handle: str, spec: ModelSpec) -> str:
-    import tensorflow_hub as hub
-    try:
-        return hub.resolve(handle)
-    except Exception as e:
-        cache = os.environ.get("TFHUB_CACHE_DIR") or "(default temp cache)"
-        raise ModelUnavailableError(
-            f"could not fetch {handle} from TF-Hub "
-            f"({type(e).__name__}: {_first_line(e)}); TFHUB_CACHE_DIR="
-            f"{cache}. {_offline_help(spec)}") from e
-
-
-def _resolve_saved_model(spec: ModelSpec) -> list[str]:
-    if spec.handle.startswith(("http://", "https://")):
-        # A handle URL: let tensorflow_hub fetch and cache it.
-        return [_resolve_hub(h, spec) for h in spec.hub_handles()]
-    paths = [_local_copy(spec.handle, spec)]
-    if spec.feature_handle:
-        paths.append(_local_copy(spec.feature_handle, spec))
-        return paths
-    root = paths[0]
-    if os.path.exists(os.path.join(root, "saved_model.pb")):
-        return paths
-    heads = [os.path.join(root, h) for h in ("classification", "feature_vector")]
-    if all(os.path.exists(os.path.join(h, "saved_model.pb")) for h in heads):
-        return heads
-    raise ModelUnavailableError(
-        f"{spec.handle} is not a SavedModel directory: it has no "
-        "saved_model.pb, nor classification/ and feature_vector/ SavedModels "
-        f"(it holds: {', '.join(sorted(os.listdir(root))[:10]) or 'nothing'}).")
-
-
-def _cache_root() -> str:
-    root = os.environ.get("MOBILENET_EMBED_CACHE_DIR") or os.path.join(
-        tempfile.gettempdir(), "mobilenet_embed_models")
-    os.makedirs(root, exist_ok=True)
-    return root
-
-
-def _local_copy(uri: str, spec: ModelSpec) -> str:
-    """A local directory holding the SavedModel at `uri` (copied once if remote)."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if "://" not in uri:
-        if not os.path.isdir(uri):
-            raise ModelUnavailableError(
-                f"no SavedModel directory at {uri!r} (it does not exist or is "
-                "not a directory).")
-        return os.path.abspath(uri)
-    base = uri.rstrip("/")
-    try:
-        matches = FileSystems.match([base + "/**"])[0].metadata_list
-    except Exception as e:
-        raise ModelUnavailableError(
-            f"could not list the SavedModel at {uri} ({type(e).__name__}: "
-            f"{_first_line(e)}). Check the URI and the credentials of this "
-            "machine.") from e
-    if not matches:
-        raise ModelUnavailableError(f"no files under {uri}: nothing to load.")
-    relatives = [m.path[len(base) + 1:] for m in matches]
-    if not any(r.count("/") <= 1 and r.rsplit("/", 1)[-1] == "saved_model.pb"
-               for r in relatives):
-        # Checked before copying: a folder of images given by mistake must
-        # fail now, not after being downloaded.
-        raise ModelUnavailableError(
-            f"{uri} is not a SavedModel directory: it has no saved_model.pb, "
-            "nor classification/ and feature_vector/ SavedModels (it holds: "
-            f"{', '.join(sorted(relatives)[:10])}).")
-    # The cache key includes sizes and times, so a replaced model is re-fetched.
-    fingerprint = hashlib.sha256(base.encode())
-    for m in sorted(matches, key=lambda m: m.path):
-        fingerprint.update(f"{m.path}|{m.size_in_bytes}|{m.last_updated_in_seconds}".encode())
-    target = os.path.join(_cache_root(), fingerprint.hexdigest()[:32])
-    if os.path.isdir(target):
-        return target
-    staging = f"{target}.{uuid.uuid4().hex}.tmp"
-    try:
-        for m in matches:
-            relative = m.path[len(base) + 1:]
-            local = os.path.join(staging, *relative.split("/"))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            with FileSystems.open(m.path) as src, open(local, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished the same copy first
-            shutil.rmtree(staging, ignore_errors=True)
-    except Exception as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise ModelUnavailableError(
-            f"could not copy the SavedModel at {uri} ({type(e).__name__}: "
-            f"{_first_line(e)}).") from e
-    LOG.info("copied %s to %s", uri, target)
-    return target
+            f"{type(e).__name__}: {first_line(e)}") from e
 
 
 # --- layouts ------------------------------------------------------------------
@@ -379,7 +190,7 @@ def _load_random(spec: ModelSpec, variant, calibration_pixels=None) -> LoadedMod
                                    "one pass: native two-output model",
                                    architecture.weights_digest(model))
 
-    return _load_frozen(spec, variant, _random_cache_path(spec, variant), build,
+    return _load_frozen(spec, variant, graphs.random_cache_path(spec, variant), build,
                         calibration_pixels)
 
 
@@ -388,10 +199,10 @@ def _load_directories(spec: ModelSpec, variant, paths: list[str],
     """Every file layout ends as one frozen graph, cached on disk by weights
     digest: a later process (another worker, the next run) imports it in a
     second instead of loading and fusing the SavedModels again."""
-    digest = _weights_digest(paths)
+    digest = weights_digest(paths)
     return _load_frozen(spec, variant,
-                        _directories_cache_path(variant, paths, digest),
-                        lambda: _freeze_saved_models(spec, variant, paths, digest),
+                        graphs.directories_cache_path(variant, paths, digest),
+                        lambda: freeze_saved_models(spec, variant, paths, digest),
                         calibration_pixels)
 
 
@@ -414,14 +225,14 @@ def _load_tensorflow(spec: ModelSpec, variant, cache: str, build):
     relies on that)."""
     from transforms.model import threads
     threads.apply_tensorflow()  # before TensorFlow's first op in this process
-    frozen = _read_graph(cache)
+    frozen = graphs.read_graph(cache)
     fresh = frozen is None
     if fresh:
         frozen = build()
     loaded = _finish(spec, variant, frozen.function(), frozen.weights_sha256,
                      frozen.note)
     if fresh:
-        _write_graph(cache, frozen)
+        graphs.write_graph(cache, frozen)
     return loaded, frozen
 
 
@@ -431,6 +242,7 @@ def _on_tensorflow(model: LoadedModel, reason: str,
     device = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
     model.runtime = f"tensorflow {tf.__version__} {device}; {reason}"
     model.parity = parity
+    model.engine = "tensorflow"
     return model
 
 
@@ -454,22 +266,35 @@ def _tensorflow_reason(spec: ModelSpec) -> Optional[str]:
     return None
 
 
+def _fp32_engines(spec: ModelSpec) -> tuple[str, ...]:
+    """The engines `spec.runtime` lets run the fp32 model, to be measured."""
+    if spec.runtime in engines.ENGINES:
+        return (spec.runtime,)
+    return tuple(e for e in engines.ENGINES if engines.installed(e))
+
+
+def timing_pixels(input_size: int, batch_size: int) -> np.ndarray:
+    """The probe images repeated to the batch the model runs at for a job
+    batch of `batch_size` (its largest padded call)."""
+    size = max(padded for _, padded in padded_batch_sizes(batch_size))
+    probe = onnx_runtime.probe_pixels(input_size)
+    return np.resize(probe, (size,) + probe.shape[1:])
+
+
 def _load_onnx(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
-    """ONNX Runtime on the cached conversion (converted now where absent),
-    checked on the probe batch against TensorFlow's outputs. With `auto`,
-    any failure or a parity beyond tolerance falls back to TensorFlow with
-    one warning; `onnxruntime` (forced) fails instead, or, on parity alone,
-    warns and runs it anyway."""
-    forced = spec.runtime == "onnxruntime"
+    """The cached ONNX conversion (converted now where absent) on the
+    fastest engine here whose outputs on the probe batch match
+    TensorFlow's (`engines.choose`). With `auto`, a failed conversion or no
+    engine within parity falls back to TensorFlow with one warning; a
+    forced engine fails instead, or, on parity alone, warns and runs."""
+    forced = spec.runtime in engines.ENGINES
     size = variant.input_size
     path = onnx_runtime.cache_path(cache)
     converted = onnx_runtime.read_cache(path)
     tf_model = None
 
-    def fall_back(what: str, error: Optional[Exception] = None,
+    def fall_back(what: str, detail: str, error: Optional[Exception] = None,
                   parity: Optional[onnx_runtime.Parity] = None) -> LoadedModel:
-        detail = f"{type(error).__name__}: {_first_line(error)}" if error \
-            else parity.describe()
         if forced:
             raise ModelUnavailableError(
                 f"{spec.describe()}: {what} ({detail}). Use --runtime "
@@ -487,27 +312,38 @@ def _load_onnx(spec: ModelSpec, variant, cache: str, build) -> LoadedModel:
                 tf_model.run(onnx_runtime.probe_pixels(size)),
                 frozen.weights_sha256, frozen.note, onnx_runtime.converter())
         except Exception as e:  # an op tf2onnx cannot convert, ...
-            return fall_back("the model could not be converted to ONNX", e)
+            return fall_back("the model could not be converted to ONNX",
+                             f"{type(e).__name__}: {first_line(e)}", e)
         onnx_runtime.write_cache(path, converted)
         LOG.info("converted %s to ONNX with %s; cached in %s",
                  spec.variant, converted.converter, path + ".onnx")
+    probe = onnx_runtime.probe_pixels(size)
     try:
-        runner = onnx_runtime.OnnxRunner(converted.model)
-        parity = onnx_runtime.compare(
-            converted.reference, runner(onnx_runtime.probe_pixels(size)))
-    except Exception as e:
-        return fall_back("ONNX Runtime could not run the converted model", e)
+        choice = engines.choose(
+            _fp32_engines(spec), converted.model, path + ".onnx",
+            timing_pixels(size, spec.batch_size),
+            check=lambda run: onnx_runtime.compare(converted.reference, run(probe)),
+            passed=lambda parity: parity.passed, strict=not forced)
+    except engines.NoEngineError as e:
+        parities = [r for r in e.results.values() if isinstance(r, onnx_runtime.Parity)]
+        if parities and len(parities) == len(e.results):
+            return fall_back("the outputs of " + " and ".join(e.results) +
+                             " differ from TensorFlow's beyond tolerance",
+                             parities[0].describe(), parity=parities[0])
+        return fall_back(f"{' and '.join(e.results)} could not run the converted "
+                         "model", str(e), e)
+    parity = choice.check
     if not parity.passed:
-        if not forced:
-            return fall_back("the ONNX Runtime outputs differ from "
-                             "TensorFlow's beyond tolerance", parity=parity)
-        LOG.warning("%s: the ONNX Runtime outputs differ from TensorFlow's "
-                    "beyond tolerance (%s); running it with ONNX Runtime as "
-                    "--runtime onnxruntime asks", spec.describe(),
-                    parity.describe())
+        LOG.warning("%s: the %s outputs differ from TensorFlow's beyond "
+                    "tolerance (%s); running it with %s as --runtime %s asks",
+                    spec.describe(), choice.engine, parity.describe(),
+                    choice.engine, spec.runtime)
+    runner = choice.run
+    LOG.info("%s runs on %s", spec.variant, engines.describe(choice))
     return LoadedModel(spec, size, variant.feature_dim,
                        converted.weights_sha256, converted.heads, runner,
-                       f"{runner.describe()}; {parity.describe()}", parity)
+                       f"{runner.describe()}; {parity.describe()}", parity,
+                       engine=choice.engine, choice=choice.to_dict())
 
 
 def _load_int8(spec: ModelSpec, variant, cache: str, build,
@@ -518,7 +354,9 @@ def _load_int8(spec: ModelSpec, variant, cache: str, build,
     QuantizationError where int8 cannot be had; the accuracy guard is the
     launcher's (`pipeline/calibration.py`), on held-out images."""
     fp32_spec = dataclasses.replace(spec, precision="fp32", engine="auto",
-                                    calibration=None, runtime="onnxruntime")
+                                    calibration=None, runtime=(
+                                        spec.runtime if spec.runtime in engines.ENGINES
+                                        else "auto"))
     try:
         fp32 = _load_onnx(fp32_spec, variant, cache, build)
     except ModelUnavailableError as e:
@@ -550,45 +388,29 @@ def _load_int8(spec: ModelSpec, variant, cache: str, build,
             model = quantize.quantize(fp32_bytes, pixels[quantize.split(len(pixels))[0]])
         except Exception as e:
             raise QuantizationError(f"quantization failed: {type(e).__name__}: "
-                                    f"{_first_line(e)}") from e
+                                    f"{first_line(e)}") from e
         quantize.write_cache(qpath, model, calibration)
         LOG.info("quantized %s to int8 on %d calibration images; cached in %s",
                  spec.variant, len(pixels), qpath + ".onnx")
     size = variant.input_size
-    probe = np.concatenate([onnx_runtime.probe_pixels(size)] * 4)  # 16 images
+    candidates = engines.ENGINES if spec.engine == "auto" else (spec.engine,)
     try:
-        if spec.engine == "auto":
-            engine, runner, timings = quantize.choose_engine(
-                model, qpath + ".onnx", probe)
-        else:
-            engine, runner, timings = spec.engine, quantize.runner(
-                spec.engine, model, qpath + ".onnx"), {}
-        runner(probe[:1])
-    except Exception as e:
-        raise QuantizationError(f"no engine runs the int8 model: "
-                                f"{type(e).__name__}: {_first_line(e)}") from e
+        choice = engines.choose(candidates, model, qpath + ".onnx",
+                                timing_pixels(size, spec.batch_size))
+    except engines.NoEngineError as e:
+        raise QuantizationError(f"no engine runs the int8 model: {e}") from e
     record = {"calibration": calibration.to_dict(),
               "settings": quantize.settings(),
               "int8_instructions": quantize.int8_instructions() or "none",
-              "engine_seconds_per_16": timings,
               "quantized_now": quantized_now}
+    runner = choice.run
+    LOG.info("%s int8 runs on %s", spec.variant, engines.describe(choice))
     return LoadedModel(spec, size, variant.feature_dim, fp32.weights_sha256,
                        fp32.heads, runner,
                        f"{runner.describe()} int8 (QDQ, calibrated on "
                        f"{len(calibration.uris)} images); fp32 {fp32.runtime}",
-                       fp32.parity, engine=engine, quantization=record,
-                       reference=fp32)
-
-
-def _random_cache_path(spec: ModelSpec, variant) -> str:
-    return os.path.join(_cache_root(), "graphs", _key(
-        "random", variant.name, str(spec.seed), _version("keras")))
-
-
-def _directories_cache_path(variant, paths: list[str], digest: str) -> str:
-    graphs = [_file_digest(os.path.join(p, "saved_model.pb")) for p in paths]
-    return os.path.join(_cache_root(), "graphs",
-                        _key(digest, variant.name, *graphs))
+                       fp32.parity, engine=choice.engine, choice=choice.to_dict(),
+                       quantization=record, reference=fp32)
 
 
 def cached_info(spec: ModelSpec, paths: Optional[list[str]] = None
@@ -606,14 +428,14 @@ def cached_info(spec: ModelSpec, paths: Optional[list[str]] = None
     """
     variant = catalog.get_variant(spec.variant)
     if spec.source == "random":
-        cache = _random_cache_path(spec, variant)
+        cache = graphs.random_cache_path(spec, variant)
         digest = None
     else:
         if paths is None:
             paths = resolve_model(spec)
         try:
-            digest = _weights_digest(paths)
-            cache = _directories_cache_path(variant, paths, digest)
+            digest = weights_digest(paths)
+            cache = graphs.directories_cache_path(variant, paths, digest)
         except OSError:
             return None  # let load_model say what is wrong
     try:
@@ -627,164 +449,8 @@ def cached_info(spec: ModelSpec, paths: Optional[list[str]] = None
     if digest is not None and weights != digest:
         return None
     return _info(spec, weights, note, variant.feature_dim,
-                 f"tensorflow {_version('tensorflow')}; decided by each worker "
+                 f"tensorflow {version('tensorflow')}; decided by each worker "
                  f"(--runtime {spec.runtime})")
-
-
-def _freeze_saved_models(spec: ModelSpec, variant, paths: list[str],
-                         digest: str):
-    import tensorflow_hub as hub
-
-    from transforms.model import fusion
-
-    objs = [hub.load(p) for p in paths]
-    if len(objs) == 2:
-        return fusion.fuse_heads([_callable_head(o, variant.input_size)
-                                  for o in objs], digest)
-    obj, path = objs[0], paths[0]
-    signatures = set(obj.signatures.keys())
-    if {_CLS_SIG, _FV_SIG} <= signatures:
-        if hasattr(obj, "prune") and hasattr(obj, "graph"):
-            return fusion.freeze_graph(
-                _prune_tf1(obj, path),
-                "one pass: TF1 Hub module, both signatures pruned together",
-                digest)
-        return fusion.fuse_heads([_single_output(obj.signatures[_CLS_SIG]),
-                                  _single_output(obj.signatures[_FV_SIG])],
-                                 digest)
-    if _FV_SIG in signatures:
-        raise ModelUnavailableError(
-            f"{spec.describe()} holds only the feature-vector head. Pass "
-            "the classification module of the same variant instead: in "
-            "the /3 layout it carries both heads.")
-    raise ModelUnavailableError(
-        f"{spec.describe()} holds one head only (a /4-/5 style "
-        "SavedModel). Pass a directory holding classification/ and "
-        "feature_vector/, or both with --model_handle and "
-        "--feature_vector_handle.")
-
-
-# Bump when the frozen graphs built here change, so old caches are ignored.
-_GRAPH_FORMAT = "2"
-
-
-def _key(*parts: str) -> str:
-    """Cache key of a frozen graph: what shapes it, and the TF that built it."""
-    return hashlib.sha256("|".join((_GRAPH_FORMAT, _version("tensorflow")) + parts)
-                          .encode()).hexdigest()[:32]
-
-
-def _version(module: str) -> str:
-    """A package's version without importing it (importing TensorFlow takes
-    seconds; `cached_info` must not)."""
-    import importlib.metadata
-    names = {"tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-intel",
-                            "tf-nightly")}.get(module, (module,))
-    for name in names:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return importlib.import_module(module).__version__
-
-
-def _file_digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def _read_graph(path: str):
-    from transforms.model.fusion import FrozenGraph
-    try:
-        with open(path + ".json") as f:
-            info = json.load(f)
-        with open(path + ".pb", "rb") as f:
-            return FrozenGraph.from_bytes(f.read(), info)
-    except Exception:  # absent or damaged (any parse error): rebuild
-        return None
-
-
-def _write_graph(path: str, frozen) -> None:
-    """Best effort and atomic: a reader sees a whole cache entry or none."""
-    data, info = frozen.to_bytes()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.{uuid.uuid4().hex}"
-        with open(temp + ".pb", "wb") as f:
-            f.write(data)
-        with open(temp + ".json", "w") as f:
-            json.dump(info, f)
-        os.replace(temp + ".pb", path + ".pb")  # the .json last: it marks it whole
-        os.replace(temp + ".json", path + ".json")
-    except OSError as e:
-        LOG.warning("could not cache the frozen model in %s: %s", path, e)
-
-
-def _single_output(fn):
-    """Wrap a signature (kwargs in, dict out) as images -> one tensor."""
-    import tensorflow as tf
-
-    spec = fn.structured_input_signature[1]["images"]
-
-    @tf.function(input_signature=[tf.TensorSpec(spec.shape, tf.float32)])
-    def call(images):
-        return fn(images=images)["default"]
-    return call.get_concrete_function()
-
-
-def _callable_head(obj, size: int):
-    """The single head of a /4-/5 SavedModel as images -> one tensor."""
-    import tensorflow as tf
-
-    image_spec = tf.TensorSpec([None, size, size, 3], tf.float32)
-    if callable(obj):
-        @tf.function(input_signature=[image_spec])
-        def call(images):
-            out = obj(images)
-            return out["default"] if isinstance(out, dict) else out
-        return call.get_concrete_function()
-    if "serving_default" in obj.signatures:
-        sig = obj.signatures["serving_default"]
-        (name,) = sig.structured_input_signature[1].keys()
-
-        @tf.function(input_signature=[image_spec])
-        def call_signature(images):
-            (out,) = sig(**{name: images}).values()
-            return out
-        return call_signature.get_concrete_function()
-    raise ModelUnavailableError("the SavedModel is neither callable nor has a "
-                                "serving_default signature")
-
-
-def _prune_tf1(obj, path: str):
-    """Both heads of a TF1 Hub module from one graph call."""
-    from tensorflow.core.protobuf import saved_model_pb2
-
-    proto = saved_model_pb2.SavedModel()
-    with open(os.path.join(path, "saved_model.pb"), "rb") as f:
-        proto.ParseFromString(f.read())
-    # hub.load picks the meta graph with no tags for TF1 modules.
-    (meta,) = [m for m in proto.meta_graphs if not m.meta_info_def.tags]
-    cls, fv = meta.signature_def[_CLS_SIG], meta.signature_def[_FV_SIG]
-    return obj.prune(feeds=[cls.inputs["images"].name],
-                     fetches=[cls.outputs["default"].name,
-                              fv.outputs["default"].name])
-
-
-def _weights_digest(paths: list[str]) -> str:
-    """sha256 over the variables files (or the graph, where weights are inline)."""
-    digest = hashlib.sha256()
-    for path in paths:
-        var_dir = os.path.join(path, "variables")
-        files = ([os.path.join(var_dir, f) for f in sorted(os.listdir(var_dir))]
-                 if os.path.isdir(var_dir) and os.listdir(var_dir)
-                 else [os.path.join(path, "saved_model.pb")])
-        for name in files:
-            digest.update(os.path.basename(name).encode())
-            with open(name, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    return digest.hexdigest()
 
 
 def _finish(spec, variant, both, digest, heads) -> LoadedModel:
@@ -805,7 +471,7 @@ def _finish(spec, variant, both, digest, heads) -> LoadedModel:
     except Exception as e:
         raise ModelUnavailableError(
             f"{spec.describe()} does not accept {size}x{size} RGB images, as "
-            f"{variant.name} should ({type(e).__name__}: {_first_line(e)}). "
+            f"{variant.name} should ({type(e).__name__}: {first_line(e)}). "
             "Is it the right variant?") from e
     if logits.shape != (2, variant.num_classes) or features.shape != (
             2, variant.feature_dim):
@@ -821,6 +487,3 @@ def _finish(spec, variant, both, digest, heads) -> LoadedModel:
     return LoadedModel(spec, size, variant.feature_dim, digest, heads, run)
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:300] if text else ""

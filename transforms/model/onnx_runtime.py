@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.model import threads
+from transforms.model.cache import version
 
 LOG = logging.getLogger(__name__)
 
@@ -105,8 +106,7 @@ def compare(reference: tuple[np.ndarray, np.ndarray],
 
 def converter() -> str:
     """The converter and opset, as recorded and as part of the cache key."""
-    from transforms.model.loading import _version
-    return f"tf2onnx {_version('tf2onnx')} opset {OPSET}"
+    return f"tf2onnx {version('tf2onnx')} opset {OPSET}"
 
 
 def convert(frozen, input_size: int) -> bytes:

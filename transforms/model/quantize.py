@@ -15,7 +15,7 @@ and the quantizer's settings, so a later run, another worker or a query
 gets the same bytes without calibrating again.
 
 It runs on ONNX Runtime or OpenVINO (`openvino_runtime`), whichever is
-faster on this machine, measured (`choose_engine`). Before any image is
+faster on this machine, measured (`engines.choose`). Before any image is
 written the launcher checks it against fp32 on held-out images of the
 sample (`Guard`); below the limits the job falls back to fp32.
 """
@@ -34,10 +34,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from transforms.model import engines
+from transforms.model.cache import version
+
 LOG = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "auto")
-ENGINES = ("onnxruntime", "openvino")
 
 # How many images of the user's input calibrate the activation ranges, and
 # how many of them are held out for the guard. A few hundred is what ONNX
@@ -63,14 +65,7 @@ _QUANT_FORMAT = "2"
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux); empty where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return engines.cpu_info()[1]
 
 
 def int8_instructions(flags: Optional[set[str]] = None) -> Optional[str]:
@@ -197,9 +192,8 @@ def cache_path(onnx_path: str, calibration_sha256: str,
                reduce_range: Optional[bool] = None) -> str:
     """Beside the fp32 conversion (whose path holds its own key), under a key
     adding the quantizer, its settings and the calibration."""
-    from transforms.model.loading import _version
     key = hashlib.sha256(json.dumps(
-        [_QUANT_FORMAT, _version("onnxruntime"), settings(reduce_range),
+        [_QUANT_FORMAT, version("onnxruntime"), settings(reduce_range),
          calibration_sha256]).encode()).hexdigest()[:16]
     return f"{onnx_path}.int8-{key}"
 
@@ -234,49 +228,6 @@ def write_cache(path: str, model: bytes, calibration: Calibration) -> None:
         os.replace(temp + ".json", path + ".json")
     except OSError as e:
         LOG.warning("could not cache the int8 model in %s: %s", path, e)
-
-
-# --- engines -------------------------------------------------------------------------
-
-def runner(engine: str, model: bytes, path: Optional[str] = None):
-    """A callable uint8 pixels -> (logits, features) on `engine`."""
-    if engine == "openvino":
-        from transforms.model import openvino_runtime
-        return openvino_runtime.OpenVinoRunner(model, path)
-    from transforms.model import onnx_runtime
-    return onnx_runtime.OnnxRunner(model)
-
-
-def time_runner(run: Callable, pixels: np.ndarray, repeats: int = 3) -> float:
-    """Best seconds per call of `run(pixels)` after one warm-up call."""
-    run(pixels)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(pixels)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def choose_engine(model: bytes, path: Optional[str], pixels: np.ndarray
-                  ) -> tuple[str, object, dict]:
-    """(engine, its runner, {engine: seconds per batch or the error}): each
-    engine timed on `pixels`; the faster one wins. An engine that fails to
-    load or run is left out; where none runs, the last error is raised."""
-    timings, best, error = {}, None, None
-    for engine in ENGINES:
-        try:
-            run = runner(engine, model, path)
-            timings[engine] = round(time_runner(run, pixels), 5)
-        except Exception as e:  # pylint: disable=broad-except
-            timings[engine] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            error = e
-            continue
-        if best is None or timings[engine] < timings[best[0]]:
-            best = (engine, run)
-    if best is None:
-        raise error
-    return best[0], best[1], timings
 
 
 # --- the guard -------------------------------------------------------------------------
