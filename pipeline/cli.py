@@ -24,7 +24,6 @@ available, no inputs, output made differently); 3 the job itself failed.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -72,63 +71,22 @@ def _drop_known_noise(record: logging.LogRecord) -> bool:
     return not any(text in message for text in _NOISE)
 
 
-def _models(argv: list[str]) -> int:
-    from transforms.model import catalog
-    argparse.ArgumentParser(prog="mobilenet-embed models").parse_args(argv)
-    print(catalog.format_table())
-    return 0
+# command -> (module under pipeline/commands, its main). Imported only when
+# run, so `mobilenet-embed models` never loads Beam or TensorFlow.
+COMMANDS = {"run": ("embed", "run_main"), "models": ("embed", "models_main"),
+            "schema": ("embed", "schema_main"),
+            "fetch-model": ("embed", "fetch_model_main"),
+            "show": ("embed", "show_main"),
+            **{name: ("search", f"{name}_main")
+               for name in ("index", "query", "dedup", "gallery")},
+            "export": ("export", "export_main"), "feast": ("export", "feast_main")}
 
 
-def _schema(argv: list[str]) -> int:
-    from transforms.model import catalog
-    from schemas import ERRORS_SCHEMA, embeddings_schema
-    parser = argparse.ArgumentParser(prog="mobilenet-embed schema")
-    parser.add_argument("--model", default=catalog.DEFAULT_MODEL)
-    args = parser.parse_args(argv)
-    variant = catalog.get_variant(args.model)
-    print(f"embeddings/ ({variant.name}):\n{embeddings_schema(variant.feature_dim)}")
-    print(f"\nerrors/:\n{ERRORS_SCHEMA}")
-    return 0
-
-
-def _fetch_model(argv: list[str]) -> int:
-    from pipeline import staging
-    return staging.main(argv)
-
-
-def _show(argv: list[str]) -> int:
-    from pipeline import show
-    return show.main(argv)
-
-
-def _run(argv: list[str]) -> int:
-    from pipeline import job
-    return job.run(_dry_run_flag(argv))
-
-
-def _dry_run_flag(argv: list[str]) -> list[str]:
-    """The one --dry_run reading: pipeline.runner.dry_run_flag."""
-    from pipeline.runner import dry_run_flag
-    return dry_run_flag(argv)
-
-
-def _feast(argv: list[str]) -> int:
-    from pipeline import export_cli
-    return export_cli.feast_main(argv)
-
-
-def _search(name: str):
-    def command(argv: list[str]) -> int:
-        from pipeline import search_cli
-        return getattr(search_cli, f"{name}_main")(argv)
-    return command
-
-
-COMMANDS = {"run": _run, "models": _models, "schema": _schema,
-            "fetch-model": _fetch_model, "show": _show,
-            **{name: _search(name) for name in ("index", "query", "dedup",
-                                                "gallery", "export")},
-            "feast": _feast}
+def command_main(command: str):
+    """The `main(argv) -> int` of one command."""
+    import importlib
+    module, name = COMMANDS[command]
+    return getattr(importlib.import_module(f"pipeline.commands.{module}"), name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,15 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(COMMANDS)}", file=sys.stderr)
             return 2
     if command == "run" and any(a in ("-h", "--help") for a in argv):
-        from pipeline.options import EmbedOptions
-        parser = argparse.ArgumentParser(prog="mobilenet-embed run",
-                                         description=USAGE)
-        EmbedOptions._add_argparse_args(parser)
-        parser.epilog = ("Beam options (--runner, --project, --region, "
-                         "--temp_location, --setup_file, --direct_num_workers, "
-                         "--direct_running_mode, ...) pass through to Beam.")
-        parser.print_help()
-        return 0
+        from pipeline.commands.embed import run_help
+        return run_help(USAGE)
     _setup_logging("--verbose" in argv)
     from transforms.gcs_auth import use_anonymous_gcs_if_emulated
     use_anonymous_gcs_if_emulated()  # no credential search against an emulator
@@ -164,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from transforms.model.catalog import UnknownModelError
     from transforms.model.loading import ModelUnavailableError
     try:
-        return COMMANDS[command](argv)
+        return command_main(command)(argv)
     except (JobError, DatasetError, ModelUnavailableError,
             UnknownModelError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,7 +26,7 @@ from gcs_emulator import NetworkGuard, forget_beam_credentials
 from jobs import run_job
 import pipeline
 from paths import ROOT
-from pipeline.cli import _dry_run_flag
+from pipeline.runner import dry_run_flag as _dry_run_flag
 
 DOC = ROOT / "README.md"
 PACKAGES = ("pipeline", "transforms", "schemas")

@@ -18,7 +18,7 @@ import pytest
 from corpus import file_permissions_enforced
 from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
 from jobs import matrix, read_embeddings, run_job, sample_photos
-from pipeline.search_cli import export_main
+from pipeline.commands.export import export_main
 from transforms.dataset import FolderLock
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "camera.png"]

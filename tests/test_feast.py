@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from jobs import matrix, read_embeddings, run_job, sample_photos
-from pipeline.export_cli import feast_main
+from pipeline.commands.export import feast_main
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png"]
 FEAST = str(Path(sys.executable).parent / "feast")

@@ -17,8 +17,8 @@ from pipeline.search import (ArrayVectors, SearchError, SearchIndex, build_index
 from pipeline.search.dedup import clusters, find_duplicates, near_pairs
 from pipeline.search.dedup_beam import read_table
 from pipeline.search.index import GIB, INDEX_INFOS
-from pipeline.search_cli import (dedup_main, export_main, index_main,
-                                 query_main)
+from pipeline.commands.export import export_main
+from pipeline.commands.search import dedup_main, index_main, query_main
 from jobs import matrix, read_embeddings, run_job, sample_photos
 
 

@@ -27,7 +27,7 @@ from paths import ROOT
 from pipeline.search import ArrayVectors, SearchIndex, build_index
 from pipeline.search.build import build_index_beam
 from pipeline.search.index import INDEX_INFOS, LOCK
-from pipeline.search_cli import index_main, query_main
+from pipeline.commands.search import index_main, query_main
 from transforms.dataset import FolderLock
 
 IN_MEMORY = ["--direct_running_mode", "in_memory"]

@@ -20,7 +20,7 @@ import pytest
 from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
 from paths import ROOT
 from pipeline.search.dedup_beam import read_summary, read_table
-from pipeline.search_cli import dedup_main
+from pipeline.commands.search import dedup_main
 from synthetic_dataset import planted, write_dataset
 
 TWO_WORKERS = ["--direct_running_mode", "multi_processing", "--direct_num_workers", "2"]
@@ -203,7 +203,7 @@ def test_a_killed_run_leaves_the_previous_results(planted_dataset, tmp_path):
     to = tmp_path / "d"
     assert dedup_main([str(root), "--threshold", "0.97", "--to", str(to), *ONE_WORKER]) == 0
     before = read_summary(str(to))
-    code = ("import sys; from pipeline.search_cli import dedup_main; "
+    code = ("import sys; from pipeline.commands.search import dedup_main; "
             "sys.exit(dedup_main(sys.argv[1:]))")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen([sys.executable, "-c", code, str(root), "--threshold", "0.9",

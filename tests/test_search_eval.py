@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline.search import SearchIndex
 from pipeline.search.dedup import DEFAULT_THRESHOLD
 from pipeline.search.dedup_beam import read_table
-from pipeline.search_cli import dedup_main, index_main, query_main
+from pipeline.commands.search import dedup_main, index_main, query_main
 from jobs import matrix, read_embeddings, run_job
 from paths import SAMPLE, SHARED_MODEL, needs_shared
 from search_copies import HARD, MILD, TRANSFORMS, source_and_transform, write_copies

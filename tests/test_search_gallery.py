@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.search_cli import dedup_main, gallery_main, index_main
+from pipeline.commands.search import dedup_main, gallery_main, index_main
 from corpus import file_permissions_enforced
 from jobs import run_job, sample_photos
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from gcs_emulator import gcs_emulator  # noqa: F401 (a fixture)
 from jobs import run_job, sample_photos
-from pipeline.search_cli import dedup_main, index_main, query_main
+from pipeline.commands.search import dedup_main, index_main, query_main
 
 BUCKET = "search-test"
 GS = f"gs://{BUCKET}"

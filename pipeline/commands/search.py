@@ -23,34 +23,14 @@ import argparse
 import json
 import logging
 import sys
-from typing import Callable
 
-from pipeline.search.errors import SearchError, SearchJobFailed
+from pipeline.commands.common import errors_as_exit_2, say
+from pipeline.search.errors import SearchError
 
 LOG = logging.getLogger("mobilenet_embed.search")
 
 
-def _errors_as_exit_2(fn: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
-    def wrapped(argv: list[str]) -> int:
-        from transforms.dataset import DatasetError
-        try:
-            return fn(argv)
-        except (SearchError, DatasetError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        except SearchJobFailed as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 3
-    wrapped.__name__ = fn.__name__
-    wrapped.__doc__ = fn.__doc__
-    return wrapped
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-@_errors_as_exit_2
+@errors_as_exit_2
 def index_main(argv: list[str]) -> int:
     """mobilenet-embed index OUT: build OUT/index/ (or --to) and measure it."""
     from pipeline.search import build_dataset_index, parse_size
@@ -130,7 +110,7 @@ def _read_manifest(path: str) -> list[str]:
     return uris
 
 
-@_errors_as_exit_2
+@errors_as_exit_2
 def query_main(argv: list[str]) -> int:
     """mobilenet-embed query OUT: the k nearest rows of query images or ids."""
     from pipeline.search import open_search
@@ -157,7 +137,7 @@ def query_main(argv: list[str]) -> int:
         raise SearchError("--manifest writes Parquet: pass --output DIR")
     searcher = open_search(args.output, args.index)
     if searcher.stale:
-        _say(f"warning: {searcher.stale}")
+        say(f"warning: {searcher.stale}")
     if args.id:
         results = searcher.by_ids(args.id, k)
     else:
@@ -168,7 +148,7 @@ def query_main(argv: list[str]) -> int:
         print(f"error: {r.error}", file=sys.stderr)
     for r in results:  # fewer than k neighbours: say why, once per query
         if not r.error and r.note:
-            _say(f"warning: {r.query}: {r.note}")
+            say(f"warning: {r.query}: {r.note}")
     if args.manifest:
         import pyarrow as pa
 
@@ -195,7 +175,7 @@ def query_main(argv: list[str]) -> int:
     return 2 if failed else 0
 
 
-@_errors_as_exit_2
+@errors_as_exit_2
 def dedup_main(argv: list[str]) -> int:
     """mobilenet-embed dedup OUT: exact and near duplicates, pairs and clusters,
     as a Beam pipeline (Beam's options pass through: --runner DataflowRunner ...)."""
@@ -253,13 +233,7 @@ def dedup_main(argv: list[str]) -> int:
     return 0
 
 
-def export_main(argv: list[str]) -> int:
-    """mobilenet-embed export: the command lives in pipeline/export_cli.py."""
-    from pipeline.export_cli import export_main as command
-    return command(argv)
-
-
-@_errors_as_exit_2
+@errors_as_exit_2
 def gallery_main(argv: list[str]) -> int:
     """mobilenet-embed gallery OUT --to page.html: neighbours and duplicate clusters."""
     from pipeline.search.gallery import write_gallery
@@ -288,7 +262,3 @@ def gallery_main(argv: list[str]) -> int:
     print(f"{summary['queries']} queries, {summary['clusters']} duplicate clusters, "
           f"{summary['thumbnails']} thumbnails -> {args.to}")
     return 0
-
-
-COMMANDS = {"index": index_main, "query": query_main, "dedup": dedup_main,
-            "gallery": gallery_main, "export": export_main}

@@ -8,9 +8,9 @@ import argparse
 import shlex
 
 from pipeline.search.errors import SearchError
-from pipeline.search_cli import _errors_as_exit_2, _say
+from pipeline.commands.common import errors_as_exit_2, say
 
-@_errors_as_exit_2
+@errors_as_exit_2
 def export_main(argv: list[str]) -> int:
     """mobilenet-embed export OUT --format F --to TARGET: a Beam pipeline."""
     from pipeline.export import FORMATS, export
@@ -62,7 +62,7 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-@_errors_as_exit_2
+@errors_as_exit_2
 def feast_main(argv: list[str]) -> int:
     """mobilenet-embed feast OUT --to REPO: a Feast repository over the dataset."""
     from pipeline.export.feast_repo import write_repo
