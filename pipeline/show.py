@@ -84,5 +84,8 @@ def _precision(model) -> str:
     figures = (f"; guard: top-1 agreement {guard['top1_agreement']}, feature "
                f"cosine min {guard['cosine_min']}, median {guard['cosine_median']}"
                if "top1_agreement" in guard else "")
+    auto = record.get("auto") or {}
+    if "speedup" in auto:
+        figures += f"; auto: {auto['speedup']}x fp32 end to end as measured here"
     return (f"int8 on {model.engine or 'unknown engine'} (calibrated on "
             f"{calibration.get('images', '?')} images{figures})")

@@ -19,6 +19,8 @@ from transforms.model import engines, loading, quantize
 from transforms.model.loading import ModelSpec, QuantizationError
 
 SMALL = "mobilenet_v2_035_96"
+# An AVX2-only CPU's flags (Dataflow's n2d/t2d, older n1, many laptops).
+AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma", "f16c"}
 PHOTOS = sorted(str(p) for p in sample_photos().iterdir()
                 if p.suffix in (".png", ".jpg") and p.stat().st_size > 20_000)
 
@@ -136,17 +138,95 @@ def test_calibration_images_that_changed_are_refused(cache):
         loading.load_model(spec)
 
 
-def test_auto_keeps_fp32_without_vnni_and_says_why(monkeypatch, caplog):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "fma"})
+def _auto(guard_limits=None):
+    return calibration.decide(ModelSpec(variant=SMALL, source="random", seed=8),
+                              "auto", PreprocessSettings(96, 96), DecodeLimits(),
+                              [str(sample_photos() / "*.png")], None, None, None,
+                              guard_limits=guard_limits)
+
+
+def _auto_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("--precision auto")]
+
+
+def _int8_model_time(monkeypatch, int8_ms: float, fp32_ms: float = 10.0):
+    """The model's time per image as if measured: int8 `int8_ms`, fp32
+    `fp32_ms` (what the CPU would give is not what this test is about)."""
+    monkeypatch.setattr(calibration, "model_ms_per_image",
+                        lambda model, pixels: int8_ms if model.precision == "int8"
+                        else fp32_ms)
+
+
+LENIENT = (0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize("flags", [AVX2_ONLY, AVX2_ONLY | {"avx512_vnni"}])
+def test_auto_keeps_int8_only_where_measured_faster_and_remembers(
+        cache, monkeypatch, caplog, flags):
+    """On any CPU (VNNI or not) auto tries int8; where int8 would not be
+    1.05x fp32 end to end it runs fp32 after one line with the figures, and
+    the next run on this machine reuses the decision without quantizing."""
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: set(flags))
     caplog.set_level(logging.INFO)
-    spec = ModelSpec(variant=SMALL, source="random")
-    decision = calibration.decide(spec, "auto", PreprocessSettings(96, 96),
-                                  DecodeLimits(), [], None, None, None)
-    assert decision.model is None and decision.spec is spec
-    lines = [r.getMessage() for r in caplog.records if "--precision auto" in r.getMessage()]
-    assert len(lines) == 1 and "VNNI/AMX" in lines[0]
+    _int8_model_time(monkeypatch, int8_ms=9.9)  # 1% faster: not worth it
+    decision = _auto(LENIENT)
+    assert decision.model is None and decision.spec.precision == "fp32"
+    assert "x fp32 end to end here" in decision.reason and "needs >= 1.05x" in decision.reason
+    (line,) = _auto_lines(caplog)
+    assert line.startswith("--precision auto: fp32, because int8 is 1.0")
+    (remembered,) = cache.glob("decisions/*.json")
+    assert json.loads(remembered.read_text())["precision"] == "fp32"
+
+    caplog.clear()
+    monkeypatch.setattr(calibration, "load_model",
+                        lambda *a, **k: pytest.fail("quantized again"))
+    again = _auto(LENIENT)
+    assert again.model is None and "decided earlier on this machine" in again.reason
+    assert len(_auto_lines(caplog)) == 1
+
+
+def test_auto_takes_int8_where_faster_and_accurate_and_records_why(
+        cache, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    _int8_model_time(monkeypatch, int8_ms=4.0)
+    decision = _auto(LENIENT)
+    assert decision.model is not None and decision.spec.precision == "int8"
+    auto = decision.model.quantization["auto"]
+    assert auto["int8_ms"] == 4.0 and auto["fp32_ms"] == 10.0 and auto["speedup"] > 1.05
+    assert auto["decode_ms"] > 0 and auto["cached"] is False
+    assert decision.model.quantization["guard"]["passed"]
+    assert any(line.startswith("--precision auto: int8, because")
+               for line in _auto_lines(caplog))
+    # Remembered: the next run does not time again, and says it reused it.
+    _int8_model_time(monkeypatch, int8_ms=99.0)
+    again = _auto(LENIENT)
+    assert again.model is not None and again.model.quantization["auto"]["cached"] is True
+
+
+def test_auto_keeps_fp32_where_the_guard_fails_and_never_times(cache, monkeypatch,
+                                                               caplog):
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(calibration, "measure_speed",
+                        lambda *a: pytest.fail("timed although the guard failed"))
+    decision = _auto((1.01, 1.01, 1.01))  # no int8 can pass these
+    assert decision.model is None and "accuracy guard failed" in decision.reason
+    (line,) = _auto_lines(caplog)
+    assert "accuracy guard failed" in line
+    assert _project_warnings(caplog) == []  # auto decided; nothing went wrong
+
+
+def test_auto_keeps_fp32_for_tensorflow_and_int8_instructions_are_read():
+    spec = ModelSpec(variant=SMALL, source="random", runtime="tensorflow")
+    assert calibration.auto_reason(spec) == "--runtime tensorflow runs fp32 only"
     assert quantize.int8_instructions({"avx512_vnni", "avx2"}) == "avx512_vnni"
     assert quantize.int8_instructions({"avx2"}) is None
+
+
+def test_the_predicted_speedup_counts_decoding():
+    speed = calibration.Speed(decode_ms=5.0, fp32_ms=5.0, int8_ms=2.5)
+    assert speed.speedup == pytest.approx(10 / 7.5)
+    assert calibration.Speed(0.0, 4.0, 2.0).speedup == pytest.approx(2.0)
 
 
 def test_int8_job_records_precision_refuses_mixing_and_queries_in_int8(
@@ -225,7 +305,6 @@ def test_option_errors_are_one_line(tmp_path, capsys, args, message):
 # that gives the guard's figures. "native" is this machine as it is;
 # "no_vnni" simulates an AVX2-only CPU's flags (on an AVX2-only machine the
 # two are the same case).
-AVX2_ONLY = {"sse4_2", "avx", "avx2", "fma", "f16c"}
 
 
 @needs_shared
@@ -286,3 +365,25 @@ def test_the_quantizer_settings_follow_the_cpu(monkeypatch):
     monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2_ONLY | {"avx512_vnni"})
     assert quantize.settings()["reduce_range"] is False
     assert quantize.cache_path("/c/m.onnx-abc", "d" * 64) != avx2_key
+
+
+def test_an_auto_job_records_what_it_chose_and_why(cache, tmp_path, lenient_guard,
+                                                   capsys):
+    """Whatever this CPU gives, the dataset says which precision ran and
+    why: int8 with the measured end-to-end gain, or fp32 with the reason."""
+    out = tmp_path / "out"
+    assert run_job("--input", str(sample_photos() / "*.png"), "--output", out,
+                   "--model", SMALL, "--model_source", "random", "--seed", "9",
+                   "--precision", "auto") == 0
+    meta = json.loads((out / "_dataset.json").read_text())
+    record = json.loads(meta["quantization"])
+    if meta["precision"] == "int8":
+        assert record["auto"]["speedup"] >= calibration.AUTO_MIN_SPEEDUP
+        assert record["guard"]["passed"]
+    else:
+        assert meta["precision"] == "fp32"
+        assert record["fp32_because"].startswith("auto: ")
+    assert read_embeddings(out).num_rows >= 10
+    from pipeline.cli import main
+    assert main(["show", str(out)]) == 0
+    assert f"precision {meta['precision']}" in capsys.readouterr().out
