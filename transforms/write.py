@@ -23,7 +23,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from schemas import (ERRORS_SCHEMA, METRICS_NAMESPACE, NUM_CLASSES, TOP_K,
                      DatasetMetadata, Embedding, FailedImage,
                      embeddings_schema, with_metadata)
-from transforms.dataset import (EMBEDDINGS, ERRORS, CommittedFile, Dataset,
+from transforms.dataset import (CommittedFile, Dataset,
                                 PartWriter)
 from transforms.uris import redact, redact_text
 

@@ -48,7 +48,7 @@ def export_main(argv: list[str]) -> int:
         raise SearchError(f"--shards must be at least 1, got {args.shards}")
     result = export(args.output, args.format, args.to, beam_argv, restricts=args.restrict,
                     crowding=args.crowding_tag, overwrite=args.overwrite,
-                    shards=args.shards, table=args.table, index=args.index, progress=_say)
+                    shards=args.shards, table=args.table, index=args.index, progress=say)
     if result.get("dry_run"):
         print(f"dry run: the export graph was built on {result['runner']}; nothing written")
     elif result["files"]:

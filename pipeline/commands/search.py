@@ -60,7 +60,7 @@ def index_main(argv: list[str]) -> int:
     infos = build_dataset_index(args.output, to=args.to, index_key=args.index_key,
                                 max_memory=parse_size(args.max_memory),
                                 target_recall=args.target_recall,
-                                rebuild=args.rebuild, progress=_say,
+                                rebuild=args.rebuild, progress=say,
                                 shards=args.shards, beam_argv=beam_argv,
                                 layout=args.layout)
     where = args.to or f"{args.output.rstrip('/')}/index"
@@ -220,7 +220,7 @@ def dedup_main(argv: list[str]) -> int:
                           index_dir=args.index, max_pairs=args.max_pairs,
                           max_memory=parse_size(args.max_memory),
                           estimate=not args.skip_estimate, shard_rows=args.shard_rows,
-                          rounds=args.rounds, say=_say)
+                          rounds=args.rounds, say=say)
     if found is None:
         print("dedup: dry run, the pipeline was built; nothing was run")
         return 0

@@ -11,6 +11,7 @@ import os
 import uuid
 
 from transforms.model.cache import cache_root, file_digest, version
+from transforms.model.spec import ModelSpec
 
 LOG = logging.getLogger(__name__)
 

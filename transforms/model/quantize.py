@@ -28,9 +28,8 @@ import logging
 import os
 import statistics
 import tempfile
-import time
 import uuid
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 

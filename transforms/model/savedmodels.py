@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 
-from transforms.model.cache import first_line
 from transforms.model.spec import ModelSpec, ModelUnavailableError
 
 _CLS_SIG, _FV_SIG = "image_classification", "image_feature_vector"
