@@ -359,11 +359,14 @@ def test_the_quantizer_settings_follow_the_cpu(monkeypatch):
     """Without VNNI/AMX the weights are quantized to 7 bits (`reduce_range`),
     which avoids the saturation of u8s8 multiply-adds there; with them, to
     8 bits. The cache key differs, so a machine never reuses the other's."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the flags alone
     monkeypatch.setattr(quantize, "cpu_flags", lambda: set(AVX2_ONLY))
     assert quantize.settings()["reduce_range"] is True
+    assert quantize.settings()["float_depthwise"] is True
     avx2_key = quantize.cache_path("/c/m.onnx-abc", "d" * 64)
     monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2_ONLY | {"avx512_vnni"})
     assert quantize.settings()["reduce_range"] is False
+    assert quantize.settings()["float_depthwise"] is False
     assert quantize.cache_path("/c/m.onnx-abc", "d" * 64) != avx2_key
 
 
@@ -387,3 +390,38 @@ def test_an_auto_job_records_what_it_chose_and_why(cache, tmp_path, lenient_guar
     from pipeline.cli import main
     assert main(["show", str(out)]) == 0
     assert f"precision {meta['precision']}" in capsys.readouterr().out
+
+
+def test_depthwise_convolutions_are_found_and_stay_float_without_vnni(cache, monkeypatch):
+    """MobileNetV2 has 17 depthwise convolutions; on a CPU without VNNI the
+    quantizer leaves them float (no QuantizeLinear feeds them)."""
+    import onnx
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: set(AVX2_ONLY))
+    pixels = _photos_at(96)
+    model = loading.load_model(_int8_spec(pixels, seed=11),
+                               calibration_pixels=lambda: pixels)
+    fp32_file = next(p for p in cache.glob("graphs/*.onnx") if ".int8-" not in p.name)
+    depthwise = quantize.depthwise_nodes(fp32_file.read_bytes())
+    assert len(depthwise) == 17
+    graph = onnx.load(str(next(cache.glob("graphs/*.int8-*.onnx")))).graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.name in depthwise:
+            weight = made_by.get(node.input[1])
+            assert weight is None or weight.op_type != "DequantizeLinear", node.name
+    quantized = [n for n in graph.node if n.op_type == "Conv"
+                 and made_by.get(n.input[1]) is not None
+                 and made_by[n.input[1]].op_type == "DequantizeLinear"]
+    assert quantized  # the pointwise convolutions are int8
+    assert model.quantization["settings"]["float_depthwise"] is True
+
+
+@pytest.mark.parametrize("cap, allows", [("", True), ("ALL", True), ("AVX2", False),
+                                         ("avx512_core", False), ("AVX2_VNNI", True),
+                                         ("AVX512_CORE_VNNI", True), ("AVX512_CORE_AMX", True)])
+def test_a_onednn_isa_cap_below_vnni_quantizes_as_for_avx2(monkeypatch, cap, allows):
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: AVX2_ONLY | {"avx512_vnni"})
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert quantize.isa_cap_allows_vnni() is allows
+    assert (quantize.int8_instructions() is not None) is allows
+    assert quantize.settings()["reduce_range"] is (not allows)
