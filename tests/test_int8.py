@@ -90,13 +90,16 @@ def test_a_random_model_quantizes_once_and_both_engines_agree(cache):
     assert record["calibration"]["sha256"] == spec.calibration.sha256
     assert record["settings"]["format"] == "QDQ" and record["settings"]["per_channel"]
     # Really int8: every convolution's weights stored as int8, behind QDQ
-    # nodes; the head (pool, logits) left in float.
+    # nodes (where the CPU has no VNNI, all but the depthwise ones); the
+    # head (pool, logits) left in float.
     import onnx
     graph = onnx.load(str(int8_file)).graph
     dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear"
                    for o in n.output}
-    convs = [n for n in graph.node if n.op_type == "Conv"]
-    assert len(convs) > 50 and all(c.input[0] in dequantized and c.input[1] in dequantized
+    float_ones = (set(quantize.depthwise_nodes(fp32_file.read_bytes()))
+                  if record["settings"]["float_depthwise"] else set())
+    convs = [n for n in graph.node if n.op_type == "Conv" and n.name not in float_ones]
+    assert len(convs) > 30 and all(c.input[0] in dequantized and c.input[1] in dequantized
                                    for c in convs)
     (matmul,) = [n for n in graph.node if n.op_type == "MatMul"]
     assert matmul.input[1] not in dequantized
@@ -216,7 +219,8 @@ def test_auto_keeps_fp32_where_the_guard_fails_and_never_times(cache, monkeypatc
     assert _project_warnings(caplog) == []  # auto decided; nothing went wrong
 
 
-def test_auto_keeps_fp32_for_tensorflow_and_int8_instructions_are_read():
+def test_auto_keeps_fp32_for_tensorflow_and_int8_instructions_are_read(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)  # the flags alone
     spec = ModelSpec(variant=SMALL, source="random", runtime="tensorflow")
     assert calibration.auto_reason(spec) == "--runtime tensorflow runs fp32 only"
     assert quantize.int8_instructions({"avx512_vnni", "avx2"}) == "avx512_vnni"
@@ -342,7 +346,11 @@ def test_real_weights_keep_top1_in_int8_or_fall_back_to_fp32(cache, monkeypatch,
     truth = np.array([labels[os.path.basename(f)] for f in kept])
     fp32 = (calibration.predict(decision.model.reference, pixels)[0].argmax(1) == truth).mean()
     int8 = (calibration.predict(decision.model, pixels)[0].argmax(1) == truth).mean()
-    assert fp32 > 0.8 and int8 >= fp32 - 0.02, (fp32, int8)
+    # With VNNI (8-bit weights) int8 keeps top-1 within 2 points; without it
+    # (7-bit weights, depthwise float) within 3, as the README says
+    # (measured 84.5 -> 82.0 % under ONEDNN_MAX_CPU_ISA=AVX2).
+    allowed = 0.03 if record["settings"]["reduce_range"] else 0.02
+    assert fp32 > 0.8 and int8 >= fp32 - allowed, (fp32, int8)
     # Both engines, on the real weights, agree with each other and with fp32.
     qfile = str(next(cache.glob("graphs/*.int8-*.onnx")))
     data = open(qfile, "rb").read()
