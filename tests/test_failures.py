@@ -183,7 +183,11 @@ def test_same_image_same_vector_whatever_the_batch(tmp_path):
     assert len(runs["batch1"]) == len(photos)
     for image_id, (features, logits) in runs["batch1"].items():
         for other in ("batch64", "batch5"):
-            np.testing.assert_allclose(runs[other][image_id][0], features, atol=1e-5)
+            # Each run measures its engine at its own batch size, so two runs
+            # may use ONNX Runtime and OpenVINO, which agree to float
+            # rounding (CI measured 1.4e-5 on features of magnitude 2.5).
+            np.testing.assert_allclose(runs[other][image_id][0], features,
+                                       rtol=1e-5, atol=1e-4)
             np.testing.assert_allclose(runs[other][image_id][1], logits,
                                        rtol=1e-5, atol=1e-4)
 
