@@ -57,6 +57,25 @@ def write_json_atomic(path: str, record: dict, what: str) -> None:
         LOG.warning("could not cache %s in %s: %s", what, path, e)
 
 
+def write_entry_atomic(path: str, files: dict[str, bytes], record: dict,
+                       what: str) -> None:
+    """A cache entry of several files (`files`: extension -> bytes) plus
+    `path.json`, written last: a reader that finds the .json finds the
+    whole entry. Best effort, as `write_json_atomic`."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        temp = f"{path}.{uuid.uuid4().hex}"
+        for ext, data in files.items():
+            with open(temp + ext, "wb") as f:
+                f.write(data)
+        with open(temp + ".json", "w") as f:
+            json.dump(record, f)
+        for ext in (*files, ".json"):
+            os.replace(temp + ext, path + ext)
+    except OSError as e:
+        LOG.warning("could not cache %s in %s: %s", what, path, e)
+
+
 def read_json(path: str):
     """The record at `path`, or None where it is absent or damaged."""
     try:

@@ -8,9 +8,8 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 
-from transforms.model.cache import cache_root, file_digest, version
+from transforms.model.cache import cache_root, file_digest, version, write_entry_atomic
 from transforms.model.spec import ModelSpec
 
 LOG = logging.getLogger(__name__)
@@ -51,14 +50,4 @@ def read_graph(path: str):
 def write_graph(path: str, frozen) -> None:
     """Best effort and atomic: a reader sees a whole cache entry or none."""
     data, info = frozen.to_bytes()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.{uuid.uuid4().hex}"
-        with open(temp + ".pb", "wb") as f:
-            f.write(data)
-        with open(temp + ".json", "w") as f:
-            json.dump(info, f)
-        os.replace(temp + ".pb", path + ".pb")  # the .json last: it marks it whole
-        os.replace(temp + ".json", path + ".json")
-    except OSError as e:
-        LOG.warning("could not cache the frozen model in %s: %s", path, e)
+    write_entry_atomic(path, {".pb": data}, info, "the frozen model")

@@ -19,13 +19,11 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import uuid
 from typing import Optional
 
 import numpy as np
 
-from transforms.model import threads
+from transforms.model import cache, threads
 from transforms.model.cache import version
 
 LOG = logging.getLogger(__name__)
@@ -182,24 +180,14 @@ def read_cache(path: str) -> Optional[Converted]:
 
 def write_cache(path: str, converted: Converted) -> None:
     """Best effort and atomic: the .json, written last, marks it whole."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.{uuid.uuid4().hex}"
-        with open(temp + ".onnx", "wb") as f:
-            f.write(converted.model)
-        with open(temp + ".npz", "wb") as f:
-            np.savez(f, logits=converted.reference[0],
-                     features=converted.reference[1])
-        with open(temp + ".json", "w") as f:
-            json.dump({"weights_sha256": converted.weights_sha256,
-                       "heads": converted.heads,
-                       "converter": converted.converter,
-                       "onnx_sha256": hashlib.sha256(
-                           converted.model).hexdigest()}, f)
-        for ext in (".onnx", ".npz", ".json"):
-            os.replace(temp + ext, path + ext)
-    except OSError as e:
-        LOG.warning("could not cache the ONNX model in %s: %s", path, e)
+    import io
+    reference = io.BytesIO()
+    np.savez(reference, logits=converted.reference[0], features=converted.reference[1])
+    cache.write_entry_atomic(
+        path, {".onnx": converted.model, ".npz": reference.getvalue()},
+        {"weights_sha256": converted.weights_sha256, "heads": converted.heads,
+         "converter": converted.converter,
+         "onnx_sha256": hashlib.sha256(converted.model).hexdigest()}, "the ONNX model")
 
 
 # --- sessions ---------------------------------------------------------------------------

@@ -28,12 +28,11 @@ import logging
 import os
 import statistics
 import tempfile
-import uuid
 from typing import Optional
 
 import numpy as np
 
-from transforms.model import engines
+from transforms.model import cache, engines
 from transforms.model.cache import version
 
 LOG = logging.getLogger(__name__)
@@ -249,20 +248,10 @@ def read_cache(path: str) -> Optional[bytes]:
 def write_cache(path: str, model: bytes, calibration: Calibration) -> None:
     """Best effort and atomic: the .json (the calibration record), written
     last, marks the entry whole."""
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temp = f"{path}.{uuid.uuid4().hex}"
-        with open(temp + ".onnx", "wb") as f:
-            f.write(model)
-        with open(temp + ".json", "w") as f:
-            json.dump({"onnx_sha256": hashlib.sha256(model).hexdigest(),
-                       "settings": settings(),
-                       "preprocessing": calibration.preprocessing,
-                       "calibration": calibration.to_dict()}, f)
-        os.replace(temp + ".onnx", path + ".onnx")
-        os.replace(temp + ".json", path + ".json")
-    except OSError as e:
-        LOG.warning("could not cache the int8 model in %s: %s", path, e)
+    cache.write_entry_atomic(path, {".onnx": model}, {
+        "onnx_sha256": hashlib.sha256(model).hexdigest(), "settings": settings(),
+        "preprocessing": calibration.preprocessing,
+        "calibration": calibration.to_dict()}, "the int8 model")
 
 
 # --- the guard -------------------------------------------------------------------------
